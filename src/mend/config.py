@@ -1,0 +1,183 @@
+"""Configuration schema (dataclasses) and loading (YAML files + dotlist overrides).
+
+Values live in ``configs/*.yaml``; this module only says which keys exist and what types they have,
+so a typo or a wrong type in a file or an override fails at start-up with the offending key.
+
+Loading order: the schema defaults, then ``configs/default.yaml``, then for each group
+(``model``, ``data``, ``editor``, ``train``, ``eval``) selected by name (``model=smollm2-135m``) the file
+``configs/<group>/<name>.yaml``, then the remaining dotlist overrides (``train.max_steps=200``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("model", "data", "editor", "train", "eval")
+
+
+class Transform(str, Enum):
+    """Which factor of the rank-1 gradient the editor network transforms (MEND ablations)."""
+
+    both = "both"  # u and delta (the method)
+    u_only = "u_only"  # only the layer inputs; delta passes through
+    delta_only = "delta_only"  # only the output gradients; u passes through
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local directory
+    dtype: str = "float32"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto" (cuda when available)
+    edit_params: Optional[List[str]] = None  # explicit parameter names; null = MLP of last blocks
+    edit_last_n_blocks: int = 3  # used when edit_params is null
+    max_length: int = 128  # longest prompt + target, in tokens
+
+
+@dataclass
+class EditorConfig:
+    rank: int = 1920  # low-rank width of each residual block, capped at the input width
+    n_blocks: int = 2  # residual low-rank MLP blocks per editor network
+    init_lr: float = 1e-4  # initial per-matrix edit step size lr_l
+    transform: Transform = Transform.both
+    share: bool = True  # one network per weight shape (False: one per edited matrix)
+    normalize: bool = True  # standardise u and delta by running statistics
+
+
+@dataclass
+class DataConfig:
+    format: str = "auto"  # auto | counterfact | zsre | knowedit
+    train_path: str = "data/facts/train.json"
+    val_path: str = "data/facts/val.json"
+    max_train_records: Optional[int] = None
+    max_val_records: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000
+    n_edits: int = 1  # facts applied together in one edit during meta-training
+    lr: float = 1e-4  # Adam learning rate of the editor networks
+    lr_lr: float = 1e-3  # Adam learning rate of the per-matrix step sizes (in log space)
+    c_edit: float = 1.0  # weight of the edit loss (edit + paraphrase NLL)
+    c_loc: float = 1.0  # weight of the locality loss (KL to the pre-edit model)
+    grad_clip: float = 100.0
+    val_every: int = 100
+    val_records: int = 100
+    patience: int = 5  # validations without improvement before stopping; 0 = never stop early
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "single"  # single | batch | sequential
+    batch_size: int = 10  # edits applied together in batch mode
+    curve_every: int = 10  # sequential mode: measure every M edits
+    max_records: Optional[int] = 100
+    methods: List[str] = field(default_factory=lambda: ["none", "mend", "ft", "ft-l"])
+    ft_steps: int = 10
+    ft_lr: float = 5e-4
+    ftl_norm: float = 5e-4  # L-infinity radius of FT-L
+    out_dir: str = "runs/eval"
+
+
+@dataclass
+class MendConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+def default_config_dir() -> Path:
+    """The repository's ``configs/`` directory (or ``$MEND_CONFIG_DIR``)."""
+    import os
+
+    env = os.environ.get("MEND_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def _merge(base: DictConfig, other, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {error.msg if hasattr(error, 'msg') else error}") from None
+
+
+def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=None) -> DictConfig:
+    """Build a validated config.
+
+    Args:
+        overrides: dotlist strings; ``group=name`` selects ``configs/<group>/<name>.yaml``.
+        config_dir: where the YAML files live (default: the repository's ``configs/``).
+        file: an extra YAML file merged after the defaults and before the overrides.
+    """
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    cfg = OmegaConf.structured(MendConfig)
+    default_file = config_dir / "default.yaml"
+    if default_file.is_file():
+        cfg = _merge(cfg, OmegaConf.load(default_file), str(default_file))
+    if file is not None:
+        if not Path(file).is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        cfg = _merge(cfg, OmegaConf.load(file), str(file))
+    dotlist = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            group_file = config_dir / key / f"{value}.yaml"
+            if not group_file.is_file():
+                options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+                raise ConfigError(f"no {key} config named {value!r}; choose one of {options}")
+            cfg = _merge(cfg, OmegaConf.create({key: OmegaConf.load(group_file)}), str(group_file))
+        else:
+            dotlist.append(item)
+    cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "overrides " + " ".join(dotlist))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Check values the type system cannot; raise ConfigError naming the bad value."""
+    if cfg.editor.rank < 1:
+        raise ConfigError(f"editor.rank must be >= 1, got {cfg.editor.rank}")
+    if cfg.editor.n_blocks < 0:
+        raise ConfigError(f"editor.n_blocks must be >= 0, got {cfg.editor.n_blocks}")
+    if cfg.editor.init_lr <= 0:
+        raise ConfigError(f"editor.init_lr must be > 0, got {cfg.editor.init_lr}")
+    if cfg.model.edit_last_n_blocks < 1:
+        raise ConfigError(f"model.edit_last_n_blocks must be >= 1, got {cfg.model.edit_last_n_blocks}")
+    if cfg.model.max_length < 2:
+        raise ConfigError(f"model.max_length must be >= 2, got {cfg.model.max_length}")
+    if cfg.train.n_edits < 1:
+        raise ConfigError(f"train.n_edits must be >= 1, got {cfg.train.n_edits}")
+    if cfg.data.format not in ("auto", "counterfact", "zsre", "knowedit"):
+        raise ConfigError(f"data.format must be auto, counterfact, zsre or knowedit, got {cfg.data.format!r}")
+    if cfg.eval.mode not in ("single", "batch", "sequential"):
+        raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
+
+
+def editor_config(cfg=None) -> DictConfig:
+    """A structured EditorConfig from a dict, DictConfig or None (defaults)."""
+    base = OmegaConf.structured(EditorConfig)
+    if cfg is None:
+        return base
+    return _merge(base, cfg, "editor config")

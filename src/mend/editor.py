@@ -1,0 +1,308 @@
+"""The editor API: apply fact edits to a base model in one pass, inspect them, revert them exactly.
+
+    model, tokenizer = mend.load_base_model("smollm2-135m")
+    editor = mend.Editor.untrained(model, tokenizer)        # or mend.Editor.load("runs/x/best")
+    result = editor.edit("The Eiffel Tower is in", "Rome")  # one forward/backward + one editor pass
+    editor.revert()                                           # weights back bit for bit
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .batching import EditInputError, check_text, encode_pairs
+from .capture import capture_rank1
+from .checkpoint import CheckpointError, atomic_write_dir, load_tensors, load_yaml, save_tensors, save_yaml
+from .config import ModelConfig, editor_config
+from .models import load_base_model, model_identity
+from .networks import MendNetworks
+from .targets import EditTarget, resolve_targets, to_storage
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "editor.safetensors"
+CONFIG_FILE = "editor.yaml"
+
+
+class EditFailedError(RuntimeError):
+    """The editor produced an unusable update (NaN or inf); the model was left unchanged."""
+
+
+@dataclass
+class EditResult:
+    """What one call of `Editor.edit` / `Editor.edit_many` did.
+
+    Attributes:
+        edit_id: sequence number of the edit within its editor.
+        pairs: the (prompt, target) pairs applied together.
+        changed: names of the matrices that changed.
+        update_norms: Frobenius norm of each matrix's update.
+        loss: the edit loss (mean target NLL) before the edit.
+        seconds: wall time of the whole edit (forward, backward, editor pass, apply).
+    """
+
+    edit_id: int
+    pairs: list[tuple[str, str]]
+    changed: list[str]
+    update_norms: dict[str, float]
+    loss: float
+    seconds: float
+    _factors: dict = field(default_factory=dict, repr=False)
+
+
+def _as_pairs(pairs) -> list[tuple[str, str]]:
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+        raise EditInputError(f"pairs must be a list of (prompt, target) tuples, got {type(pairs).__name__}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, dict):
+            pair = (pair.get("prompt"), pair.get("target"))
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise EditInputError(f"pair #{i} must be a (prompt, target) tuple, got {pair!r}")
+        out.append((check_text(pair[0], f"prompt #{i}"), check_text(pair[1], f"target #{i}")))
+    if not out:
+        raise EditInputError("no (prompt, target) pairs were given")
+    return out
+
+
+def _fingerprint(weight: torch.Tensor) -> list[float]:
+    """[sum, sum of squares] of a weight in float64: tells one base model's matrix from another's."""
+    w = weight.detach().double()
+    return [float(w.sum()), float((w * w).sum())]
+
+
+class Editor:
+    """A base model, its tokenizer and MEND editor networks; edits the model's weights in place."""
+
+    def __init__(self, model, tokenizer, networks: MendNetworks, *, max_length: int = 128, model_config=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.networks = networks.to(self.device)
+        self.networks.eval()
+        self.max_length = int(max_length)
+        self.model_config = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_config or {})
+        self.targets: list[EditTarget] = networks.targets
+        self._params = dict(model.named_parameters())
+        self._originals: dict[str, torch.Tensor] | None = None
+        self._applied: list[EditResult] = []
+        self._ids = itertools.count()
+        self.fingerprints = {t.name: _fingerprint(self._params[t.name]) for t in self.targets}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def untrained(cls, model, tokenizer, config=None) -> "Editor":
+        """An editor whose networks are exactly the identity: an edit is one gradient step of size
+        ``editor.init_lr`` on each target matrix.
+
+        Args:
+            config: None, or a full mend config (with ``model`` and ``editor`` sections), or a dict of
+                them; ``model.edit_params`` / ``model.edit_last_n_blocks`` choose the edited matrices.
+        """
+        config = OmegaConf.create(config) if isinstance(config, dict) else config
+        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), (config.get("model") if config is not None else None) or {})
+        editor_cfg = editor_config(config.get("editor") if config is not None else None)
+        targets = resolve_targets(model, model_cfg.edit_params, model_cfg.edit_last_n_blocks)
+        networks = MendNetworks(targets, editor_cfg)
+        return cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ editing
+    def compute_updates(self, pairs) -> tuple[dict[str, torch.Tensor], dict, float]:
+        """The updates an edit would apply, without applying them.
+
+        Returns:
+            (updates name -> dW (d_out, d_in) float32, transformed factors for exact replay, loss).
+        """
+        pairs = _as_pairs(pairs)
+        prompts, targets = zip(*pairs)
+        batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length).to(self.device)
+        capture = capture_rank1(self.model, self.targets, batch)
+        self.networks.eval()
+        factors = {}
+        with torch.no_grad():
+            lrs = self.networks.step_sizes()
+            for target in self.targets:
+                u, delta = capture.factors[target.name]
+                u_t, delta_t = self.networks.transform(target.name, u, delta)
+                factors[target.name] = (u_t, delta_t, lrs[target.name])
+        updates = {name: self._update_from(*f) for name, f in factors.items()}
+        return updates, factors, float(capture.loss)
+
+    @staticmethod
+    def _update_from(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """dW = -lr * delta~^T u~: (d_out, d_in). The single place updates are formed, so replays are exact."""
+        return -lr * (delta_t.t() @ u_t)
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass."""
+        return self.edit_many([(prompt, target)])
+
+    def edit_many(self, pairs) -> EditResult:
+        """Apply several (prompt, target) facts together in one batched pass."""
+        start = time.perf_counter()
+        pairs = _as_pairs(pairs)
+        updates, factors, loss = self.compute_updates(pairs)
+        for name, update in updates.items():
+            if not torch.isfinite(update).all():
+                raise EditFailedError(f"the update for {name} contains NaN or inf; the model was not changed")
+        if self._originals is None:
+            self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
+        try:
+            self._apply(updates)
+        except BaseException:
+            self._restore(self._applied)
+            raise
+        result = EditResult(
+            edit_id=next(self._ids),
+            pairs=pairs,
+            changed=[name for name, u in updates.items() if bool(u.abs().sum() > 0)],
+            update_norms={name: float(u.norm()) for name, u in updates.items()},
+            loss=loss,
+            seconds=time.perf_counter() - start,
+            _factors=factors,
+        )
+        self._applied.append(result)
+        return result
+
+    @torch.no_grad()
+    def _apply(self, updates: dict[str, torch.Tensor]) -> None:
+        for target in self.targets:
+            param = self._params[target.name]
+            param.add_(to_storage(updates[target.name], target).to(param.dtype))
+
+    @torch.no_grad()
+    def _restore(self, keep: list[EditResult]) -> None:
+        """Set the weights to the originals plus the updates of ``keep``, replayed in order."""
+        if self._originals is None:
+            return
+        for name, original in self._originals.items():
+            self._params[name].copy_(original)
+        for result in keep:
+            self._apply({name: self._update_from(*f) for name, f in result._factors.items()})
+
+    def revert(self, result: EditResult | None = None) -> None:
+        """Undo every edit (default), or one edit given by its result; weights return bit for bit
+        to what they were without that edit's update."""
+        if result is None:
+            self._restore([])
+            self._applied.clear()
+            return
+        if result not in self._applied:
+            raise ValueError(f"edit {result.edit_id} is not applied to this editor's model")
+        keep = [r for r in self._applied if r is not result]
+        self._restore(keep)
+        self._applied = keep
+
+    @contextlib.contextmanager
+    def edited(self, prompt: str, target: str):
+        """Apply an edit for the duration of a ``with`` block, then revert it."""
+        result = self.edit(prompt, target)
+        try:
+            yield result
+        finally:
+            if result in self._applied:
+                self.revert(result)
+
+    @property
+    def applied(self) -> list[EditResult]:
+        """The edits currently applied, oldest first."""
+        return list(self._applied)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write ``editor.safetensors`` and ``editor.yaml`` to the directory ``path``, atomically."""
+        from . import __version__
+
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "mend_version": __version__,
+            "editor": OmegaConf.to_container(self.networks.config, enum_to_str=True),
+            "model": {
+                **OmegaConf.to_container(self.model_config),
+                "identity": model_identity(self.model),
+            },
+            "targets": [
+                {"name": t.name, "d_in": t.d_in, "d_out": t.d_out, "transposed": t.transposed, "layer": t.layer,
+                 "fingerprint": self.fingerprints[t.name]}
+                for t in self.targets
+            ],
+        }
+
+        def write(staging):
+            save_tensors(self.networks.state_dict(), Path(staging) / WEIGHTS_FILE)
+            save_yaml(meta, Path(staging) / CONFIG_FILE)
+
+        atomic_write_dir(path, write)
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, tokenizer=None, *, device=None) -> "Editor":
+        """Load an editor saved by `save`. Without ``model``, the base model it was trained for is
+        loaded. A model that is not the one the editor was trained for is refused (CheckpointError)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"editor checkpoint {path} is not a directory")
+        meta = load_yaml(path / CONFIG_FILE)
+        for key in ("format_version", "editor", "model", "targets"):
+            if key not in meta:
+                raise CheckpointError(f"{path / CONFIG_FILE} lacks the key {key!r}")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise CheckpointError(f"{path} has format version {meta['format_version']}, this mend reads {FORMAT_VERSION}")
+        state = load_tensors(path / WEIGHTS_FILE)
+        model_meta = dict(meta["model"])
+        identity = model_meta.pop("identity", {})
+        if model is None:
+            model, tokenizer = load_base_model(identity.get("name_or_path") or model_meta.get("name"), device=device)
+        elif tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        _check_same_model(path, identity, meta["targets"], model)
+        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_meta)
+        names = [t["name"] for t in meta["targets"]]
+        targets = resolve_targets(model, names)
+        networks = MendNetworks(targets, meta["editor"])
+        missing, unexpected = networks.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
+        return cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg)
+
+
+def _check_same_model(path, identity: dict, saved_targets: list[dict], model) -> None:
+    current = model_identity(model)
+    problems = [
+        f"{key}: checkpoint {identity[key]!r}, model {current[key]!r}"
+        for key in ("model_type", "hidden_size", "num_layers", "vocab_size", "num_parameters")
+        if key in identity and identity[key] != current[key]
+    ]
+    params = dict(model.named_parameters())
+    for saved in saved_targets:
+        name = saved["name"]
+        if name not in params:
+            problems.append(f"the model has no parameter {name}")
+            continue
+        shape = tuple(params[name].shape)
+        expected = (saved["d_in"], saved["d_out"]) if saved["transposed"] else (saved["d_out"], saved["d_in"])
+        if shape != expected:
+            problems.append(f"{name}: checkpoint shape {expected}, model {shape}")
+            continue
+        if "fingerprint" in saved:
+            current_fp = _fingerprint(params[name])
+            for got, want in zip(current_fp, saved["fingerprint"]):
+                if not math.isclose(got, want, rel_tol=2e-2, abs_tol=1e-3 * max(1.0, math.sqrt(abs(saved["fingerprint"][1])))):
+                    problems.append(f"{name}: weights differ from the model the editor was trained for")
+                    break
+    if problems:
+        raise CheckpointError(
+            f"the editor in {path} was trained for another base model ({identity.get('name_or_path', '?')}): "
+            + "; ".join(problems[:6])
+        )

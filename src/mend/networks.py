@@ -1,0 +1,193 @@
+"""MEND editor networks: they map the rank-1 gradient factors (u, delta) of a weight matrix to
+transformed factors (u~, delta~), whose outer-product sum is the weight update.
+
+For each edited matrix W (d_out x d_in) and each token t of the edit example, the gradient is
+``dL/dW = sum_t delta_t u_t^T`` with ``u_t`` the layer input (d_in) and ``delta_t`` the gradient of the
+layer output (d_out). The editor network g transforms ``z_t = [u_t; delta_t]`` and the update is
+
+    dW = -lr_l * sum_t delta~_t u~_t^T                                      (MEND, eq. 3-4)
+
+One network serves all edited matrices of one shape; each matrix (layer) gets its own learned scale
+and shift inside the network and its own step size ``lr_l``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Transform, editor_config
+from .targets import EditTarget
+
+
+class RunningNorm(nn.Module):
+    """Running mean and standard deviation of row vectors, merged exactly batch by batch.
+
+    Buffers (saved with the editor): ``count`` (scalar), ``mean`` (d,), ``m2`` (d,) sum of squared
+    deviations. Updated only while the owner is training; frozen at edit time.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor) -> None:
+        """Merge the statistics of ``rows`` (N, d) into the running ones (Chan et al. parallel update)."""
+        rows = rows.detach().to(torch.float64).reshape(-1, rows.shape[-1])
+        n = rows.shape[0]
+        if n == 0:
+            return
+        batch_mean = rows.mean(0)
+        batch_m2 = ((rows - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        diff = batch_mean - self.mean
+        self.mean += diff * (n / total)
+        self.m2 += batch_m2 + diff**2 * (self.count * n / total)
+        self.count.fill_(total)
+
+    def std(self) -> torch.Tensor:
+        """(d,) standard deviation; ones until two rows have been seen."""
+        if self.count < 2:
+            return torch.ones_like(self.mean)
+        return (self.m2 / (self.count - 1)).sqrt().clamp(min=1e-12)
+
+
+class LowRankResidualBlock(nn.Module):
+    """``h + B relu(scale_m * (A h) + shift_m)``, with B zero-initialised (identity at init).
+
+    ``m`` indexes the edited matrix (the "mode"), so layers sharing the network differ by scale/shift.
+    """
+
+    def __init__(self, width: int, rank: int, n_modes: int):
+        super().__init__()
+        self.down = nn.Linear(width, rank)  # A: (rank, width)
+        self.up = nn.Linear(rank, width)  # B: (width, rank)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = nn.Parameter(torch.ones(n_modes, rank))
+        self.shift = nn.Parameter(torch.zeros(n_modes, rank))
+
+    def forward(self, h: torch.Tensor, mode: int) -> torch.Tensor:
+        hidden = torch.relu(self.down(h) * self.scale[mode] + self.shift[mode])  # (N, rank)
+        return h + self.up(hidden)  # (N, width)
+
+
+class EditorNetwork(nn.Module):
+    """The editor network for one weight shape (d_in, d_out).
+
+    Input rows ``u`` (N, d_in) and ``delta`` (N, d_out) are standardised by running statistics; the
+    residual low-rank blocks act on the joint, standardised ``z = [u; delta]``; the change the blocks
+    make is scaled back by the standard deviation and added to the raw input:
+
+        x~ = x + std * (blocks(z) - z)
+
+    so the network is exactly the identity while the blocks are (at initialisation).
+    """
+
+    def __init__(self, d_in: int, d_out: int, n_modes: int, *, rank: int, n_blocks: int, transform: Transform, normalize: bool):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        self.transform = Transform(transform)
+        self.normalize = normalize
+        width = d_in + d_out
+        self.rank = min(rank, width)
+        self.u_norm = RunningNorm(d_in)
+        self.delta_norm = RunningNorm(d_out)
+        self.blocks = nn.ModuleList(LowRankResidualBlock(width, self.rank, n_modes) for _ in range(n_blocks))
+
+    def _standardise(self, x: torch.Tensor, norm: RunningNorm):
+        if not self.normalize:
+            return x, None
+        std = norm.std().to(x.dtype)
+        return (x - norm.mean.to(x.dtype)) / std, std
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int):
+        """u: (N, d_in), delta: (N, d_out) -> (u~ (N, d_in), delta~ (N, d_out))."""
+        if self.training and self.normalize:
+            self.u_norm.update(u)
+            self.delta_norm.update(delta)
+        u_std_in, u_std = self._standardise(u, self.u_norm)
+        d_std_in, d_std = self._standardise(delta, self.delta_norm)
+        z = torch.cat([u_std_in, d_std_in], dim=-1)  # (N, d_in + d_out)
+        h = z
+        for block in self.blocks:
+            h = block(h, mode)
+        change = h - z
+        change_u, change_delta = change[:, : self.d_in], change[:, self.d_in :]
+        if u_std is not None:
+            change_u, change_delta = change_u * u_std, change_delta * d_std
+        u_out = u if self.transform == Transform.delta_only else u + change_u
+        delta_out = delta if self.transform == Transform.u_only else delta + change_delta
+        return u_out, delta_out
+
+
+class MendNetworks(nn.Module):
+    """All editor networks of one editor plus the per-matrix step sizes.
+
+    Parameters: ``networks`` (one per weight shape, or per matrix when ``share`` is off) and
+    ``log_lrs`` (n_targets,), the log of each matrix's step size ``lr_l``.
+    """
+
+    def __init__(self, targets: list[EditTarget], config=None):
+        super().__init__()
+        self.config = editor_config(config)
+        self.targets = list(targets)
+        if not self.targets:
+            raise ValueError("an editor needs at least one target matrix")
+        self.network_of: dict[str, str] = {}
+        self.mode_of: dict[str, int] = {}
+        members: dict[str, list[EditTarget]] = {}
+        for target in self.targets:
+            key = target.shape_key if self.config.share else target.name.replace(".", "_")
+            members.setdefault(key, []).append(target)
+        networks = {}
+        for key, group in members.items():
+            for mode, target in enumerate(group):
+                self.network_of[target.name] = key
+                self.mode_of[target.name] = mode
+            networks[key] = EditorNetwork(
+                group[0].d_in,
+                group[0].d_out,
+                len(group),
+                rank=self.config.rank,
+                n_blocks=self.config.n_blocks,
+                transform=self.config.transform,
+                normalize=self.config.normalize,
+            )
+        self.networks = nn.ModuleDict(networks)
+        init = torch.full((len(self.targets),), math.log(self.config.init_lr))
+        self.log_lrs = nn.Parameter(init)
+
+    def step_sizes(self) -> dict[str, torch.Tensor]:
+        """lr_l of every edited matrix, by parameter name."""
+        lrs = self.log_lrs.exp()
+        return {t.name: lrs[i] for i, t in enumerate(self.targets)}
+
+    def transform(self, name: str, u: torch.Tensor, delta: torch.Tensor):
+        """Run one matrix's factors through its network: (u~, delta~)."""
+        network = self.networks[self.network_of[name]]
+        return network(u.float(), delta.float(), self.mode_of[name])
+
+    def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Weight updates from rank-1 factors.
+
+        Args:
+            factors: name -> (u (N, d_in), delta (N, d_out)).
+
+        Returns:
+            name -> dW (d_out, d_in), float32, ``-lr_l * delta~^T u~``.
+        """
+        lrs = self.step_sizes()
+        updates = {}
+        for target in self.targets:
+            u, delta = factors[target.name]
+            u_t, delta_t = self.transform(target.name, u, delta)
+            updates[target.name] = -lrs[target.name] * (delta_t.t() @ u_t)  # (d_out, d_in)
+        return updates

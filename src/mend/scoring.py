@@ -1,0 +1,80 @@
+"""Forward passes restricted to target positions, and the losses and accuracies computed on them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .batching import TokenBatch
+
+
+def target_logits(model, batch: TokenBatch, params: dict | None = None) -> torch.Tensor:
+    """Next-token logits at the positions that predict target tokens.
+
+    Only those positions go through the output projection (``logits_to_keep``), which saves the
+    (T, vocab) product for every other position.
+
+    Args:
+        params: replacement tensors by parameter name; the forward then runs through
+            ``torch.func.functional_call`` and is differentiable in them.
+
+    Returns:
+        (N, V) logits, row i predicting ``batch.target_ids[i]``.
+    """
+    keep = batch.prediction_mask
+    kwargs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    if params:
+        logits = functional_call(model, params, args=(), kwargs=kwargs, strict=False, tie_weights=True).logits
+    else:
+        logits = model(**kwargs).logits
+    if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep
+        logits = logits[keep] if logits.shape[1] == keep.shape[1] else logits.reshape(-1, logits.shape[-1])
+    return logits
+
+
+def token_nll(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) negative log-likelihood of each target token; logits (N, V), target_ids (N,)."""
+    return F.cross_entropy(logits.float(), target_ids, reduction="none")
+
+
+def mean_nll(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over all target tokens (the edit loss)."""
+    return token_nll(logits, target_ids).mean()
+
+
+def per_row_mean(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """(B,) mean of a per-target-token quantity within each batch row."""
+    rows = batch.target_rows
+    n = len(batch)
+    total = torch.zeros(n, device=values.device, dtype=values.dtype).index_add_(0, rows, values)
+    count = torch.zeros(n, device=values.device, dtype=values.dtype).index_add_(0, rows, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def token_hits(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    """(N,) float 1.0 where the argmax is the target token."""
+    return (logits.argmax(-1) == target_ids).float()
+
+
+def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(reference || edited) between next-token distributions."""
+    log_p = F.log_softmax(reference_logits.float(), -1)
+    log_q = F.log_softmax(logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def autocast_for(device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

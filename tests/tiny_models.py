@@ -1,0 +1,58 @@
+"""Tiny randomly initialised models, built in-process, one per supported architecture family."""
+
+from __future__ import annotations
+
+import torch
+
+
+class CharTokenizer:
+    """A minimal tokenizer (one id per byte) with the slice of the HF interface mend uses."""
+
+    def __init__(self, vocab_size: int = 260, padding_side: str = "right"):
+        self.vocab_size = vocab_size
+        self.pad_token_id = 0
+        self.eos_token_id = 1
+        self.pad_token = "<pad>"
+        self.eos_token = "<eos>"
+        self.padding_side = padding_side
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        ids = [3 + b for b in text.encode("utf-8")]
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny causal LM of ``family`` ('gpt2', 'llama', 'gptj', 'gpt_neo', 'gpt_neox', 'qwen2', 'mistral')."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=260, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if family == "gpt2":
+        config = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
+        model = tf.GPT2LMHeadModel(config)
+    elif family == "gptj":
+        config = tf.GPTJConfig(n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4, **common)
+        model = tf.GPTJForCausalLM(config)
+    elif family == "gpt_neo":
+        config = tf.GPTNeoConfig(hidden_size=32, num_layers=4, num_heads=4, max_position_embeddings=128,
+                                 attention_types=[[["global", "local"], 2]], window_size=16, **common)
+        model = tf.GPTNeoForCausalLM(config)
+    elif family == "gpt_neox":
+        config = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=128, **common)
+        model = tf.GPTNeoXForCausalLM(config)
+    else:
+        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+        config = cls[0](hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = cls[1](config)
+    model.requires_grad_(False)
+    model.eval()
+    return model, CharTokenizer()
