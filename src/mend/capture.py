@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import TokenBatch
-from .scoring import autocast_for, mean_nll, target_logits
+from .scoring import autocast_for, mean_nll, target_logits, token_nll
 from .targets import EditTarget
 
 
@@ -72,33 +72,50 @@ class Rank1Capture:
 
     Attributes:
         factors: name -> (u (N, d_in), delta (N, d_out)) in float32, N = the positions that matter.
-        loss: the edit loss (mean NLL over the loss rows' target tokens), detached.
+        rows: (N,) the batch row each captured position comes from.
+        loss: the edit loss (mean target NLL of the loss rows; averaged over groups), detached.
         logits: (n_targets_all_rows, V) the pass's target logits, detached (pre-edit logits for free).
     """
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rows: torch.Tensor
     loss: torch.Tensor
     logits: torch.Tensor
 
 
-def capture_rank1(model, targets: list[EditTarget], batch: TokenBatch, loss_rows: torch.Tensor | None = None) -> Rank1Capture:
+def capture_rank1(
+    model, targets: list[EditTarget], batch: TokenBatch, loss_rows: torch.Tensor | None = None,
+    row_groups: torch.Tensor | None = None,
+) -> Rank1Capture:
     """One forward/backward of the frozen base model; returns the rank-1 factors of the edit loss.
 
     Args:
         batch: the (prompt, target) batch; the loss is on its target tokens.
         loss_rows: (B,) bool, the rows the loss is taken on (default: all). Other rows (for instance
             locality examples riding along to get their pre-edit logits) contribute no factors.
+        row_groups: (B,) edit group of each row (default: one group). The loss is the sum over groups
+            of each group's mean target NLL, so every group's factors are exactly those it would get
+            in a pass of its own.
     """
     if loss_rows is None:
         loss_rows = torch.ones(len(batch), dtype=torch.bool, device=batch.input_ids.device)
     device = batch.input_ids.device
-    with ModuleRecorder(model, targets) as recorder, autocast_for(device):
-        logits = target_logits(model, batch)  # (N_all, V)
-    token_rows = batch.target_rows
-    in_loss = loss_rows[token_rows]
-    loss = mean_nll(logits[in_loss], batch.target_ids[in_loss])
-    outputs = [recorder.outputs[t.name] for t in targets]
-    grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    with torch.enable_grad():  # works inside a caller's no_grad (validation)
+        with ModuleRecorder(model, targets) as recorder, autocast_for(device):
+            logits = target_logits(model, batch)  # (N_all, V)
+        in_loss = loss_rows[batch.target_rows]
+        if row_groups is None:
+            loss = mean_nll(logits[in_loss], batch.target_ids[in_loss])
+            n_groups = 1
+        else:
+            token_groups = row_groups[batch.target_rows][in_loss]
+            nll = token_nll(logits[in_loss], batch.target_ids[in_loss])
+            n_groups = int(token_groups.max()) + 1
+            sums = torch.zeros(n_groups, device=device).index_add_(0, token_groups, nll)
+            counts = torch.zeros(n_groups, device=device).index_add_(0, token_groups, torch.ones_like(nll))
+            loss = (sums / counts.clamp(min=1)).sum()
+        outputs = [recorder.outputs[t.name] for t in targets]
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
     positions = batch.last_needed & loss_rows[:, None]  # (B, T)
     factors = {}
     for target, grad in zip(targets, grads):
@@ -106,4 +123,5 @@ def capture_rank1(model, targets: list[EditTarget], batch: TokenBatch, loss_rows
         if grad is None:
             grad = torch.zeros_like(recorder.outputs[target.name])
         factors[target.name] = (u[positions].float(), grad[positions].float())  # (N, d_in), (N, d_out)
-    return Rank1Capture(factors, loss.detach(), logits.detach())
+    rows = torch.arange(len(batch), device=device)[:, None].expand_as(positions)[positions]
+    return Rank1Capture(factors, rows, loss.detach() / n_groups, logits.detach())

@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -62,7 +63,8 @@ class DataConfig:
 class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
-    n_edits: int = 1  # facts applied together in one edit during meta-training
+    batch_size: int = 10  # independent edits per step (scored together in one forward pass)
+    n_edits: int = 1  # facts applied together in each of those edits
     lr: float = 1e-4  # Adam learning rate of the editor networks
     lr_lr: float = 1e-3  # Adam learning rate of the per-matrix step sizes (in log space)
     c_edit: float = 1.0  # weight of the edit loss (edit + paraphrase NLL)
@@ -120,6 +122,13 @@ def _merge(base: DictConfig, other, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {error.msg if hasattr(error, 'msg') else error}") from None
 
 
+def _load(path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+
+
 def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=None) -> DictConfig:
     """Build a validated config.
 
@@ -132,11 +141,11 @@ def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=
     cfg = OmegaConf.structured(MendConfig)
     default_file = config_dir / "default.yaml"
     if default_file.is_file():
-        cfg = _merge(cfg, OmegaConf.load(default_file), str(default_file))
+        cfg = _merge(cfg, _load(default_file), str(default_file))
     if file is not None:
         if not Path(file).is_file():
             raise ConfigError(f"config file {file} does not exist")
-        cfg = _merge(cfg, OmegaConf.load(file), str(file))
+        cfg = _merge(cfg, _load(file), str(file))
     dotlist = []
     for item in overrides or []:
         if "=" not in item:
@@ -147,10 +156,15 @@ def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=
             if not group_file.is_file():
                 options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
                 raise ConfigError(f"no {key} config named {value!r}; choose one of {options}")
-            cfg = _merge(cfg, OmegaConf.create({key: OmegaConf.load(group_file)}), str(group_file))
+            cfg = _merge(cfg, OmegaConf.create({key: _load(group_file)}), str(group_file))
         else:
             dotlist.append(item)
-    cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "overrides " + " ".join(dotlist))
+    source = "overrides " + " ".join(dotlist)
+    try:
+        parsed = OmegaConf.from_dotlist(dotlist)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"{source}: cannot parse: {error}") from None
+    cfg = _merge(cfg, parsed, source)
     validate(cfg)
     return cfg
 
@@ -167,6 +181,8 @@ def validate(cfg) -> None:
         raise ConfigError(f"model.edit_last_n_blocks must be >= 1, got {cfg.model.edit_last_n_blocks}")
     if cfg.model.max_length < 2:
         raise ConfigError(f"model.max_length must be >= 2, got {cfg.model.max_length}")
+    if cfg.train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     if cfg.train.n_edits < 1:
         raise ConfigError(f"train.n_edits must be >= 1, got {cfg.train.n_edits}")
     if cfg.data.format not in ("auto", "counterfact", "zsre", "knowedit"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .batching import EditInputError, check_text, encode_pairs
 from .capture import capture_rank1
@@ -259,6 +260,11 @@ class Editor:
                 raise CheckpointError(f"{path / CONFIG_FILE} lacks the key {key!r}")
         if meta["format_version"] != FORMAT_VERSION:
             raise CheckpointError(f"{path} has format version {meta['format_version']}, this mend reads {FORMAT_VERSION}")
+        if not isinstance(meta["model"], dict) or not isinstance(meta["editor"], dict):
+            raise CheckpointError(f"{path / CONFIG_FILE}: 'model' and 'editor' must be mappings")
+        saved_targets = meta["targets"]
+        if not isinstance(saved_targets, list) or not saved_targets or not all(isinstance(t, dict) for t in saved_targets):
+            raise CheckpointError(f"{path / CONFIG_FILE}: 'targets' must be a non-empty list of mappings, got {saved_targets!r}")
         state = load_tensors(path / WEIGHTS_FILE)
         model_meta = dict(meta["model"])
         identity = model_meta.pop("identity", {})
@@ -266,12 +272,19 @@ class Editor:
             model, tokenizer = load_base_model(identity.get("name_or_path") or model_meta.get("name"), device=device)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
-        _check_same_model(path, identity, meta["targets"], model)
-        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_meta)
-        names = [t["name"] for t in meta["targets"]]
-        targets = resolve_targets(model, names)
-        networks = MendNetworks(targets, meta["editor"])
-        missing, unexpected = networks.load_state_dict(state, strict=False)
+        try:
+            _check_same_model(path, identity, saved_targets, model)
+            model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_meta)
+            targets = resolve_targets(model, [t["name"] for t in saved_targets])
+            networks = MendNetworks(targets, meta["editor"])
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, OmegaConfBaseException) as error:
+            raise CheckpointError(f"{path / CONFIG_FILE} is malformed: {type(error).__name__}: {error}") from None
+        try:
+            missing, unexpected = networks.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensor shapes that do not match the config
+            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: {error}") from None
         if missing or unexpected:
             raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
         return cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg)

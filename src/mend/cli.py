@@ -1,0 +1,119 @@
+"""The ``mend`` command line: train, edit, eval, demo.
+
+Errors are one line (``mend: error: ...``) unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.overrides, file=args.config)
+    result = train(cfg, resume=args.resume)
+    p = result.progress
+    print(
+        f"trained {p.step} steps ({p.skipped_steps} skipped) in {result.seconds:.0f} s, "
+        f"{result.examples_per_second:.2f} edit examples/s; best validation score {p.best_score:.3f} at step "
+        f"{p.best_step}; best editor: {result.best_dir}"
+    )
+    return 0
+
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _edit(args) -> int:
+    from .editor import Editor
+
+    editor = Editor.load(args.editor, device=args.device)
+    before = _greedy(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
+    result = editor.edit(args.prompt, args.target)
+    after = _greedy(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
+    print(f"prompt: {args.prompt}")
+    print(f"before: {before.strip()}")
+    print(f"after:  {after.strip()}")
+    print(f"edit took {result.seconds * 1000:.0f} ms; changed {len(result.changed)} matrices")
+    return 0
+
+
+def _eval(args) -> int:
+    from .cli_eval import run_eval
+
+    return run_eval(args)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mend", description="MEND model editing: meta-train editors, apply and measure edits.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="meta-train an editor (config overrides as key=value)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data=counterfact train.max_steps=2000")
+    p.add_argument("--config", help="an extra YAML file merged before the overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last state")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("edit", help="apply one edit and show greedy continuations before and after")
+    p.add_argument("--editor", required=True, help="editor checkpoint directory (from mend train)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("prompt")
+    p.add_argument("target")
+    p.set_defaults(func=_edit)
+
+    p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability")
+    p.add_argument("--editor", help="editor checkpoint directory (needed for the mend method)")
+    p.add_argument("--model", help="base model when no editor is given (default: smollm2-135m)")
+    p.add_argument("--data", required=True, help="a CounterFact, zsRE or KnowEdit JSON file")
+    p.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre", "knowedit"])
+    p.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    p.add_argument("--methods", default="none,mend,ft,ft-l", help="comma-separated: none, mend, ft, ft-l")
+    p.add_argument("--limit", type=int, default=100, help="records to evaluate")
+    p.add_argument("--batch-size", type=int, default=10, help="edits applied together in batch mode")
+    p.add_argument("--curve-every", type=int, default=10, help="sequential mode: measure every M edits")
+    p.add_argument("--out", default="runs/eval", help="output directory")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="the main job: train an editor on the embedded model and show edits")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--steps", type=int, default=None, help="meta-training steps (default: configs/train/quick.yaml)")
+    p.add_argument("--retrain", action="store_true", help="train again even if the demo editor exists")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("mend: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line, unless --debug
+        if args.debug:
+            raise
+        print(f"mend: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""The evaluation harness: run edit methods over records in one of three modes and score every edit.
+
+    methods = build_methods(["none", "mend", "ft", "ft-l"], editor, model, tokenizer, cfg.eval)
+    report = evaluate(methods, records, model, tokenizer, mode="single", out_dir="runs/eval",
+                      meta={"data": path, "editor_checkpoint": ckpt})
+
+Modes:
+
+* ``single``: for each record, apply its edit, measure it, revert.
+* ``batch``: apply ``batch_size`` records' edits together (one ``apply`` call), measure each, revert.
+* ``sequential``: apply every record's edit one after another without reverting; every
+  ``curve_every`` edits, measure the edits applied so far (or the fixed sample of ``curve_sample``
+  records among them) for the curve; after the last edit measure them all; revert at the end.
+
+The unedited model's predictions on every record are computed once, before any method runs, and
+serve as the locality reference. Methods run one after another on the same model, each reverting
+its edits before the next starts (also when it fails). ``ms_per_edit`` is the mean wall time of
+``apply`` per edit (a batch's time divided by its size).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .data.records import EditRecord
+from .eval_metrics import Predictions, Probes, aggregate, predict, score
+from .report import EvalReport, write_report
+
+MODES = ("single", "batch", "sequential")
+
+
+def _method_dict(methods) -> dict:
+    if isinstance(methods, dict):
+        items = list(methods.items())
+    else:
+        items = [(m.name, m) for m in methods]
+    if not items:
+        raise ValueError("no edit methods given")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two edit methods share a name: {names}")
+    for name, method in items:
+        if not all(hasattr(method, a) for a in ("apply", "revert")):
+            raise TypeError(f"edit method {name!r} ({type(method).__name__}) lacks apply/revert")
+    return dict(items)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One method's run over the records: timed applies and measurements against the pre-edit reference."""
+
+    def __init__(self, name, method, records, probes, pre, model, tokenizer, mode, max_length, bar):
+        self.name, self.method, self.records, self.probes, self.pre = name, method, records, probes, pre
+        self.model, self.tokenizer, self.mode, self.max_length, self.bar = model, tokenizer, mode, max_length, bar
+        self.device = next(model.parameters()).device
+        self.apply_seconds = 0.0
+        self.n_edits = 0
+
+    def apply(self, indices: list[int]) -> float:
+        """Apply the edits of records ``indices`` together; returns ms per edit."""
+        pairs = [(self.records[i].prompt, self.records[i].target) for i in indices]
+        _sync(self.device)
+        start = time.perf_counter()
+        self.method.apply(pairs)
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        self.apply_seconds += seconds
+        self.n_edits += len(indices)
+        return 1000 * seconds / len(indices)
+
+    def measure(self, i: int, ms_per_edit: float | None, **extra) -> dict:
+        """Score record i on the model as it is now; one row of ``edits.jsonl``."""
+        post: Predictions = predict(self.model, self.tokenizer, self.probes[i], max_length=self.max_length)
+        record = self.records[i]
+        return {"method": self.name, "mode": self.mode, "index": i, "case_id": record.case_id,
+                "prompt": record.prompt, "target": record.target, "generated": post.texts[0],
+                **extra, "ms_per_edit": ms_per_edit, **score(self.probes[i], post, self.pre[i])}
+
+
+def _single(run: _Run, n: int, **_) -> tuple[list[dict], list[dict]]:
+    rows = []
+    for i in range(n):
+        ms = run.apply([i])
+        rows.append(run.measure(i, ms))
+        run.method.revert()
+        run.bar.update(1)
+    return rows, []
+
+
+def _batch(run: _Run, n: int, batch_size: int, **_) -> tuple[list[dict], list[dict]]:
+    rows = []
+    for b, start in enumerate(range(0, n, batch_size)):
+        indices = list(range(start, min(n, start + batch_size)))
+        ms = run.apply(indices)
+        rows += [run.measure(i, ms, batch=b) for i in indices]
+        run.method.revert()
+        run.bar.update(len(indices))
+    return rows, []
+
+
+def curve_points(n: int, every: int) -> list[int]:
+    """Edit counts at which the sequential curve is measured: every ``every`` edits, and the last."""
+    points = list(range(every, n + 1, every))
+    return points if points and points[-1] == n else points + [n]
+
+
+def curve_sample_indices(n: int, sample: int | None) -> list[int]:
+    """The records measured at each curve point: all, or ``sample`` of them evenly spread."""
+    if sample is None or sample >= n:
+        return list(range(n))
+    return sorted({round(k * (n - 1) / max(1, sample - 1)) for k in range(sample)}) if sample > 1 else [0]
+
+
+def _sequential(run: _Run, n: int, curve_every: int, curve_sample: int | None, **_) -> tuple[list[dict], list[dict]]:
+    points = set(curve_points(n, curve_every))
+    sample = curve_sample_indices(n, curve_sample)
+    ms = [0.0] * n
+    curve, rows = [], []
+    for i in range(n):
+        ms[i] = run.apply([i])
+        run.bar.update(1)
+        if i + 1 not in points:
+            continue
+        measured = [j for j in sample if j <= i]
+        if i + 1 == n:  # the final measurement covers every edit; the curve uses its sample
+            rows = [run.measure(j, ms[j], n_applied=n) for j in range(n)]
+            point_rows = [rows[j] for j in measured]
+        else:
+            point_rows = [run.measure(j, ms[j], n_applied=i + 1) for j in measured]
+        curve.append({"n_edits": i + 1, "n_measured": len(point_rows), **aggregate(point_rows)})
+    run.method.revert()
+    return rows, curve
+
+
+def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_size: int = 10,
+             curve_every: int = 10, curve_sample: int | None = None, max_length: int = 128, out_dir=None,
+             progress: bool = True, meta: dict | None = None) -> EvalReport:
+    """Run each edit method over ``records`` and score every edit.
+
+    Args:
+        methods: {name: EditMethod} or a list of EditMethods (named by ``.name``), e.g. from
+            `mend.baselines.build_methods`. Each must edit ``model`` in place and revert exactly.
+        records: `EditRecord`s (any loader's output).
+        mode: "single", "batch" or "sequential" (see the module docstring).
+        batch_size: edits applied together in batch mode.
+        curve_every: sequential mode: measure the curve every this many edits.
+        curve_sample: sequential mode: measure only this many (evenly spread) records at each
+            curve point; None = all applied so far.
+        max_length: longest probe prompt + answer in tokens (the editor's ``max_length``).
+        out_dir: when given, write the outputs there (`mend.report.write_report`).
+        progress: show tqdm bars and print the table at the end.
+        meta: provenance recorded in the summary: ``data`` (the data file), ``model``,
+            ``editor_checkpoint``, and anything else; ``model`` defaults to the model's name_or_path and
+            ``mend_version`` is always added.
+
+    Returns:
+        An `EvalReport` (per-edit rows, per-method means and ms/edit, sequential curves).
+    """
+    from . import __version__
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    for what, value in (("batch_size", batch_size), ("curve_every", curve_every), ("max_length", max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if curve_sample is not None and (not isinstance(curve_sample, int) or curve_sample < 1):
+        raise ValueError(f"curve_sample must be None or a positive integer, got {curve_sample!r}")
+    methods = _method_dict(methods)
+    records = list(records)
+    if not records:
+        raise ValueError("no records to evaluate")
+    for i, record in enumerate(records):
+        if not isinstance(record, EditRecord):
+            raise TypeError(f"record #{i} is a {type(record).__name__}, not a mend.data.records.EditRecord")
+
+    n = len(records)
+    probes = [Probes.of(r) for r in records]
+    pre = [predict(model, tokenizer, p, max_length=max_length) for p in tqdm(probes, desc="pre-edit", disable=not progress)]
+    runner = {"single": _single, "batch": _batch, "sequential": _sequential}[mode]
+    summary, all_rows, curves = {}, [], {}
+    for name, method in methods.items():
+        with tqdm(total=n, desc=f"{name} ({mode})", disable=not progress) as bar:
+            run = _Run(name, method, records, probes, pre, model, tokenizer, mode, max_length, bar)
+            try:
+                rows, curve = runner(run, n, batch_size=batch_size, curve_every=curve_every, curve_sample=curve_sample)
+            finally:
+                method.revert()  # a no-op after a clean run; restores the model after a failure
+        all_rows += rows
+        if curve:
+            curves[name] = curve
+        settings = method.settings() if hasattr(method, "settings") else {}
+        summary[name] = {"n_edits": run.n_edits, "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
+                         "metrics": aggregate(rows), "settings": settings}
+
+    meta = dict(meta or {})
+    provenance = {"data": meta.pop("data", None),
+                  "model": meta.pop("model", None) or str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__),
+                  "editor_checkpoint": meta.pop("editor_checkpoint", None), "mend_version": __version__}
+    if meta:
+        provenance["extra"] = meta
+    settings = {"n_records": n, "max_length": max_length}
+    if mode == "batch":
+        settings["batch_size"] = batch_size
+    if mode == "sequential":
+        settings.update(curve_every=curve_every, curve_sample=curve_sample)
+    report = EvalReport(mode, settings, provenance, summary, all_rows, curves)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    if progress:
+        print(report.table())
+    return report

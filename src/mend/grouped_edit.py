@@ -1,0 +1,62 @@
+"""An edited forward pass in which each group of batch rows sees its own edit, in one batch.
+
+A MEND update is low-rank: ``dW = -lr * D^T U`` with ``U`` (n, d_in) and ``D`` (n, d_out) the
+transformed factors of the n captured positions. So the edited layer's output is
+
+    x (W + dW)^T = x W^T - lr * (x U^T) D                                  x: (T, d_in)
+
+and the correction costs two thin products instead of forming a (d_out, d_in) matrix. With a
+forward hook adding that correction per row, rows of different groups can carry different edits in
+the same forward pass: a batch of independent edits costs one forward, and no weight is modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .targets import EditTarget
+
+
+def pad_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Scatter rows (N, d) into a zero-padded (n_groups, n_max, d) tensor, keeping order within a group."""
+    counts = torch.bincount(groups, minlength=n_groups)
+    n_max = int(counts.max()) if groups.numel() else 0
+    order = torch.argsort(groups, stable=True)
+    sorted_groups = groups[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
+    out = values.new_zeros(n_groups, max(n_max, 1), values.shape[-1])
+    return out.index_put((sorted_groups, slot), values[order])
+
+
+@contextlib.contextmanager
+def grouped_edits(model, targets: list[EditTarget], edits: dict, row_groups: torch.Tensor):
+    """Within the block, target modules add each row's group edit to their outputs.
+
+    Args:
+        edits: name -> (U (G, n, d_in), D (G, n, d_out), lr scalar), zero-padded per group.
+        row_groups: (B,) the group of each batch row of the forward passes run inside the block.
+    """
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name):
+        u_g, d_g, lr = edits[name]
+
+        def hook(module, args, output):
+            x = args[0]  # (B, T, d_in)
+            u_rows, d_rows = u_g[row_groups].to(x.dtype), d_g[row_groups].to(x.dtype)  # (B, n, d_in), (B, n, d_out)
+            correction = torch.bmm(torch.bmm(x, u_rows.transpose(1, 2)), d_rows)  # (B, T, d_out)
+            return output - lr.to(x.dtype) * correction
+
+        return hook
+
+    try:
+        for target in targets:
+            handles.append(modules[target.module_name].register_forward_hook(make_hook(target.name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

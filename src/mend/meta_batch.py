@@ -1,0 +1,120 @@
+"""Meta-training batches: edit, equivalence and locality token batches for a step.
+
+A step holds ``batch_size`` independent edits, each of ``n_edits`` facts applied together. Every row
+carries the index of its edit (its group), so one forward pass scores all the edits of a step.
+
+The records of step s are drawn from a seeded permutation, so a resumed run sees exactly the batches
+an uninterrupted run would have seen, and each process of a data-parallel run sees its own slice.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .batching import TokenBatch, concat_batches, encode_pairs
+from .data.records import EditRecord
+
+
+@dataclass
+class MetaBatch:
+    """One step's tensors.
+
+    Attributes:
+        pre: edit rows then locality rows, for the pre-edit pass (loss on the edit rows only).
+        post: edit rows, equivalence rows, locality rows, for the edited forward.
+        n_edit, n_equiv, n_loc: row counts of each kind.
+        groups: (n_edit,) the edit (group) each record belongs to; equivalence and locality rows follow
+            their record, so ``pre`` rows have groups ``[groups, groups]`` and ``post`` rows
+            ``[groups, groups, groups]``.
+        n_groups: number of independent edits.
+    """
+
+    pre: TokenBatch
+    post: TokenBatch
+    n_edit: int
+    n_equiv: int
+    n_loc: int
+    groups: torch.Tensor
+    n_groups: int
+
+    def to(self, device) -> "MetaBatch":
+        return MetaBatch(self.pre.to(device), self.post.to(device), self.n_edit, self.n_equiv, self.n_loc,
+                         self.groups.to(device), self.n_groups)
+
+    @property
+    def pre_groups(self) -> torch.Tensor:
+        return torch.cat([self.groups, self.groups])
+
+    @property
+    def post_groups(self) -> torch.Tensor:
+        return torch.cat([self.groups, self.groups, self.groups])
+
+    def pre_loss_rows(self) -> torch.Tensor:
+        """(B_pre,) True on the edit rows of ``pre``."""
+        rows = torch.zeros(len(self.pre), dtype=torch.bool, device=self.pre.input_ids.device)
+        rows[: self.n_edit] = True
+        return rows
+
+
+class EditSampler:
+    """Deterministic sampling of records for step ``s`` of process ``rank`` out of ``world``."""
+
+    def __init__(self, records: list[EditRecord], per_step: int, seed: int, rank: int = 0, world: int = 1):
+        if len(records) < per_step * world:
+            raise ValueError(f"{len(records)} training records are too few for {per_step} per step x {world} processes")
+        self.records = records
+        self.per_step = per_step
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.per_epoch = len(records) // (per_step * world)
+        self.locality_pool = [probe for r in records for probe in r.locality]
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.records), generator=generator).tolist()
+
+    def records_for_step(self, step: int) -> list[EditRecord]:
+        epoch, index = divmod(step, self.per_epoch)
+        order = self._order(epoch)
+        start = (index * self.world + self.rank) * self.per_step
+        return [self.records[i] for i in order[start : start + self.per_step]]
+
+    def choose(self, step: int, records: list[EditRecord]):
+        """Pick one paraphrase and one locality probe per record, seeded by the step."""
+        rng = random.Random(f"{self.seed}-{step}-{self.rank}")
+        equivalents = [rng.choice(r.rephrases) if r.rephrases else r.prompt for r in records]
+        localities = []
+        for r in records:
+            pool = r.locality or self.locality_pool
+            if not pool:
+                raise ValueError("no locality probes in the training data; meta-training needs them")
+            localities.append(rng.choice(pool))
+        return equivalents, localities
+
+
+def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str], localities, *, max_length: int,
+                     n_edits: int = 1) -> MetaBatch:
+    """Encode one step's records into pre-edit and post-edit batches; consecutive runs of ``n_edits``
+    records form one edit."""
+    targets = [r.target for r in records]
+    edit = encode_pairs(tokenizer, [r.prompt for r in records], targets, max_length=max_length, padding_side="right")
+    equiv = encode_pairs(tokenizer, equivalents, targets, max_length=max_length, padding_side="right")
+    loc = encode_pairs(
+        tokenizer, [p.prompt for p in localities], [p.answer for p in localities], max_length=max_length,
+        padding_side="right", what=("locality prompt", "locality answer"),
+    )
+    pad_id = tokenizer.pad_token_id or 0
+    pre = concat_batches([edit, loc], pad_id)
+    post = concat_batches([edit, equiv, loc], pad_id)
+    groups = torch.arange(len(records)) // n_edits
+    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1)
+
+
+def token_kinds(batch: TokenBatch, counts: list[int]) -> torch.Tensor:
+    """(N,) the kind index (0, 1, ...) of each target token, given consecutive row counts per kind."""
+    bounds = torch.tensor(counts, device=batch.input_ids.device).cumsum(0)
+    return torch.bucketize(batch.target_rows, bounds, right=True)

@@ -1,0 +1,83 @@
+"""Training-state checkpoints for resuming a killed run: editor networks (with their normalisation
+statistics), optimiser state, step counters and RNG state, as safetensors + YAML, written atomically."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, atomic_write_dir, load_tensors, load_yaml, save_tensors, save_yaml
+
+NETWORKS_FILE = "networks.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.yaml"
+
+
+@dataclass
+class Progress:
+    """Counters a resumed run continues from."""
+
+    step: int = 0  # steps completed
+    skipped_steps: int = 0  # steps whose gradients were not finite
+    best_score: float = float("-inf")
+    best_step: int = -1
+    bad_validations: int = 0  # validations since the best one
+    stopped_early: bool = False
+    history: list = field(default_factory=list)  # validation metrics, one dict per validation
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state_dict = optimizer.state_dict()
+    tensors, plain_state = {}, {}
+    for index, values in state_dict["state"].items():
+        plain_state[int(index)] = {}
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain_state[int(index)][key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "plain_state": plain_state}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["plain_state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_train_state(path, networks, optimizer, progress: Progress, config_yaml: str) -> None:
+    """Write the whole training state to the directory ``path`` (replacing it atomically)."""
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+
+    def write(staging):
+        staging = Path(staging)
+        save_tensors(networks.state_dict(), staging / NETWORKS_FILE)
+        save_tensors({**opt_tensors, "__torch_rng__": torch.get_rng_state()}, staging / OPTIMIZER_FILE)
+        save_yaml({"progress": asdict(progress), "optimizer": opt_meta}, staging / STATE_FILE)
+        (staging / "config.yaml").write_text(config_yaml)
+
+    atomic_write_dir(path, write)
+
+
+def load_train_state(path, networks, optimizer, device="cpu") -> Progress:
+    """Restore networks and optimiser in place from ``path``; return the saved progress."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no training state to resume from at {path}")
+    meta = load_yaml(path / STATE_FILE)
+    missing, unexpected = networks.load_state_dict(load_tensors(path / NETWORKS_FILE, device), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / NETWORKS_FILE} does not fit this run's editor (changed config?): missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    tensors = load_tensors(path / OPTIMIZER_FILE, device)
+    torch.set_rng_state(tensors.pop("__torch_rng__").cpu())
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return Progress(**meta["progress"])

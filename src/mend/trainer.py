@@ -1,0 +1,243 @@
+"""Meta-training MEND editor networks (the outer loop).
+
+Run from the command line with ``python scripts/train.py [overrides]`` or ``mend train``, or as
+``accelerate launch scripts/train.py ...`` for data-parallel training: each process edits its own
+records, editor gradients are all-reduced, only the main process logs and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .editor import Editor
+from .meta_batch import EditSampler, build_meta_batch
+from .models import load_base_model
+from .networks import MendNetworks
+from .objective import meta_objective
+from .targets import resolve_targets
+from .train_state import Progress, load_train_state, save_train_state
+from .training_log import JsonlLog, plot_training_curves
+
+METRICS = ("loss", "edit_loss", "loc_loss", "pre_edit_loss", "edit_acc", "equiv_acc", "loc_agree")
+
+
+def all_reduce_gradients(networks, world: int) -> None:
+    """Average the editor's gradients over processes (one flat all-reduce)."""
+    import torch.distributed as dist
+
+    params = [p for p in networks.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def broadcast_buffers(networks) -> None:
+    """Make every process use the main process's normalisation statistics (as DDP does for buffers)."""
+    import torch.distributed as dist
+
+    for buffer in networks.buffers():
+        dist.broadcast(buffer, 0)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_dir: Path
+    progress: Progress
+    seconds: float
+    examples_per_second: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device is {name!r} but CUDA is not available; use model.device=cpu")
+    return device
+
+
+def validation_score(metrics: dict) -> float:
+    """What early stopping maximises: the mean of edit, paraphrase and locality accuracy."""
+    return (metrics["edit_acc"] + metrics["equiv_acc"] + metrics["loc_agree"]) / 3
+
+
+@torch.no_grad()
+def validate(model, networks, tokenizer, records, cfg, device) -> dict:
+    """Edit success, paraphrase success, locality agreement and losses over validation records
+    (edits of n_edits facts, batch_size edits per forward), with the editor's statistics frozen."""
+    was_training = networks.training
+    networks.eval()
+    sums = {k: 0.0 for k in METRICS}
+    n = cfg.train.n_edits * cfg.train.batch_size
+    chunks = [records[i : i + n] for i in range(0, len(records), n)]
+    for chunk in chunks:
+        equivalents = [r.rephrases[0] if r.rephrases else r.prompt for r in chunk]
+        localities = [r.locality[0] for r in chunk]
+        batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
+                                 n_edits=cfg.train.n_edits).to(device)
+        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
+        for key in METRICS:
+            sums[key] += float(out.metrics[key])
+    networks.train(was_training)
+    metrics = {k: v / len(chunks) for k, v in sums.items()}
+    metrics["score"] = validation_score(metrics)
+    return metrics
+
+
+def _load_data(cfg):
+    from .data import load_records
+
+    train = load_records(cfg.data.train_path, cfg.data.format, limit=cfg.data.max_train_records)
+    if Path(cfg.data.val_path).resolve() == Path(cfg.data.train_path).resolve():
+        if cfg.data.max_train_records is None:
+            raise ValueError("data.val_path is the training file: set data.max_train_records to hold records out")
+        val = load_records(cfg.data.val_path, cfg.data.format)[cfg.data.max_train_records :]
+    else:
+        val = load_records(cfg.data.val_path, cfg.data.format, limit=cfg.data.max_val_records)
+    val = [r for r in val if r.locality][: cfg.train.val_records]
+    if not val:
+        raise ValueError(f"no validation record with a locality probe in {cfg.data.val_path}")
+    return train, val
+
+
+def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None) -> TrainResult:
+    """Meta-train editor networks as configured; return where the best editor was written.
+
+    Args:
+        cfg: a config from `mend.config.load_config`.
+        resume: continue from ``<out_dir>/state`` (written at every validation).
+        model, tokenizer: an already loaded base model (default: load ``cfg.model.name``).
+        records: ``(train_records, val_records)`` (default: load ``cfg.data`` paths).
+    """
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.model.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+    is_main = accelerator.is_main_process
+    torch.manual_seed(cfg.train.seed)
+
+    if model is None:
+        model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
+    model.requires_grad_(False)
+    model.eval()
+    train_records, val_records = records if records is not None else _load_data(cfg)
+
+    targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
+    networks = MendNetworks(targets, cfg.editor).to(device)
+    network_params = [p for n, p in networks.named_parameters() if n != "log_lrs"]
+    optimizer = torch.optim.Adam(
+        [{"params": network_params, "lr": cfg.train.lr}, {"params": [networks.log_lrs], "lr": cfg.train.lr_lr}]
+    )
+    run_dir = Path(cfg.train.out_dir)
+    state_dir, best_dir = run_dir / "state", run_dir / "best"
+    config_yaml = OmegaConf.to_yaml(cfg)
+    progress = Progress()
+    if resume:
+        progress = load_train_state(state_dir, networks, optimizer, device)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=progress.step if resume else None) if is_main else None
+
+    per_step = cfg.train.batch_size * cfg.train.n_edits
+    sampler = EditSampler(train_records, per_step, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    editor_view = Editor(model, tokenizer, networks, max_length=cfg.model.max_length, model_config=cfg.model)
+
+    def checkpoint(metrics):
+        improved = metrics["score"] > progress.best_score
+        if improved:
+            progress.best_score, progress.best_step, progress.bad_validations = metrics["score"], progress.step, 0
+            if is_main:
+                editor_view.save(best_dir)
+        else:
+            progress.bad_validations += 1
+        progress.history.append({"step": progress.step, **metrics})
+        if is_main:
+            save_train_state(state_dir, networks, optimizer, progress, config_yaml)
+        accelerator.wait_for_everyone()
+
+    bar = None
+    if is_main and cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=progress.step, desc="meta-training", dynamic_ncols=True)
+    networks.train()
+    running = {k: 0.0 for k in METRICS}
+    running_count = 0
+    start = time.perf_counter()
+    first_step = progress.step
+    while progress.step < cfg.train.max_steps and not progress.stopped_early:
+        step = progress.step
+        # 1. data: this step's records, one paraphrase and one locality probe each
+        chosen = sampler.records_for_step(step)
+        equivalents, localities = sampler.choose(step, chosen)
+        batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
+                                 n_edits=cfg.train.n_edits).to(device)
+        # 2. edit, score the edited model, backward into the editor; average gradients over processes
+        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
+        out.loss.backward()
+        if accelerator.num_processes > 1:
+            all_reduce_gradients(networks, accelerator.num_processes)
+        # 3. clip; skip the step if any gradient is not finite (one sync for the whole check)
+        total_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.train.grad_clip)
+        if torch.isfinite(total_norm):
+            optimizer.step()
+        else:
+            progress.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.num_processes > 1:
+            broadcast_buffers(networks)
+        progress.step += 1
+        # 4. log
+        for key in METRICS:
+            running[key] += float(out.metrics[key])
+        running_count += 1
+        if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.max_steps:
+            averaged = {k: v / running_count for k, v in running.items()}
+            if log is not None:
+                log.write({"split": "train", "step": progress.step, **averaged, "skipped": progress.skipped_steps,
+                           "lr_mean": float(networks.log_lrs.detach().exp().mean())})
+            if bar is not None:
+                bar.set_postfix(loss=f"{averaged['loss']:.3f}", edit=f"{averaged['edit_acc']:.2f}", loc=f"{averaged['loc_agree']:.2f}")
+            running = {k: 0.0 for k in METRICS}
+            running_count = 0
+        if bar is not None:
+            bar.update(1)
+        # 5. validate, keep the best, stop early when patience runs out
+        if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps:
+            metrics = validate(model, networks, tokenizer, val_records, cfg, device)
+            checkpoint(metrics)
+            if log is not None:
+                log.write({"split": "val", "step": progress.step, **metrics})
+            if bar is not None:
+                bar.write(
+                    f"step {progress.step}: val edit {metrics['edit_acc']:.3f} paraphrase {metrics['equiv_acc']:.3f} "
+                    f"locality {metrics['loc_agree']:.3f} (best {progress.best_score:.3f} at {progress.best_step})"
+                )
+            if cfg.train.patience and progress.bad_validations >= cfg.train.patience:
+                progress.stopped_early = True
+                if is_main:
+                    save_train_state(state_dir, networks, optimizer, progress, config_yaml)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    steps_done = progress.step - first_step
+    if is_main:
+        plot_training_curves(run_dir / "log.jsonl", run_dir / "training_curves.png")
+    examples = steps_done * per_step * accelerator.num_processes
+    return TrainResult(run_dir, best_dir, progress, seconds, examples / seconds if seconds > 0 else math.nan)
