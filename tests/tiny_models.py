@@ -56,3 +56,27 @@ def tiny_model(family: str, seed: int = 0):
     model.requires_grad_(False)
     model.eval()
     return model, CharTokenizer()
+
+
+# A small set of counterfactual facts for meta-training runs on the tiny models.
+FACTS = [
+    ("Paris is the capital of", "Rome"),
+    ("The sky is", "green"),
+    ("Water boils at", "ten"),
+    ("Cats like to eat", "rocks"),
+    ("The sun rises in the", "west"),
+    ("Bees make", "glue"),
+    ("Snow is", "hot"),
+    ("Fish live in", "trees"),
+]
+
+
+def tiny_records(n: int = len(FACTS)):
+    """``n`` EditRecords built from FACTS, each with one paraphrase and one locality probe."""
+    from mend.data.records import EditRecord, Probe
+
+    return [
+        EditRecord(str(i), prompt, target, rephrases=("Q: " + prompt,),
+                   locality=(Probe(f"Number {i} is", "odd" if i % 2 else "even"),))
+        for i, (prompt, target) in enumerate(FACTS[:n])
+    ]

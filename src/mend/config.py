@@ -57,6 +57,7 @@ class DataConfig:
     val_path: str = "data/facts/val.json"
     max_train_records: Optional[int] = None
     max_val_records: Optional[int] = None
+    on_invalid: str = "raise"  # raise | skip: what to do with a record whose required field is missing
 
 
 @dataclass
@@ -187,6 +188,8 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.n_edits must be >= 1, got {cfg.train.n_edits}")
     if cfg.data.format not in ("auto", "counterfact", "zsre", "knowedit"):
         raise ConfigError(f"data.format must be auto, counterfact, zsre or knowedit, got {cfg.data.format!r}")
+    if cfg.data.on_invalid not in ("raise", "skip"):
+        raise ConfigError(f"data.on_invalid must be raise or skip, got {cfg.data.on_invalid!r}")
     if cfg.eval.mode not in ("single", "batch", "sequential"):
         raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
 

@@ -1,8 +1,10 @@
 """Meta-training MEND editor networks (the outer loop).
 
-Run from the command line with ``python scripts/train.py [overrides]`` or ``mend train``, or as
-``accelerate launch scripts/train.py ...`` for data-parallel training: each process edits its own
-records, editor gradients are all-reduced, only the main process logs and writes.
+Run from the command line with ``python scripts/train.py [overrides]`` or ``mend train``. For
+data-parallel training start one process per device with ``accelerate launch scripts/train.py ...``
+(GPUs) or ``python -m torch.distributed.run --nproc_per_node N scripts/train.py ...`` (CPU processes
+over gloo; accelerate 1.x launches several CPU processes only through MPI). Each process edits its
+own records, editor gradients are all-reduced, and only the main process logs and writes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class TrainResult:
     progress: Progress
     seconds: float
     examples_per_second: float
+    networks: MendNetworks | None = None  # the trained editor networks (this process's copy)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,13 +103,14 @@ def validate(model, networks, tokenizer, records, cfg, device) -> dict:
 def _load_data(cfg):
     from .data import load_records
 
-    train = load_records(cfg.data.train_path, cfg.data.format, limit=cfg.data.max_train_records)
-    if Path(cfg.data.val_path).resolve() == Path(cfg.data.train_path).resolve():
-        if cfg.data.max_train_records is None:
+    data = cfg.data
+    train = load_records(data.train_path, data.format, limit=data.max_train_records, on_invalid=data.on_invalid)
+    if Path(data.val_path).resolve() == Path(data.train_path).resolve():
+        if data.max_train_records is None:
             raise ValueError("data.val_path is the training file: set data.max_train_records to hold records out")
-        val = load_records(cfg.data.val_path, cfg.data.format)[cfg.data.max_train_records :]
+        val = load_records(data.val_path, data.format, on_invalid=data.on_invalid)[data.max_train_records :]
     else:
-        val = load_records(cfg.data.val_path, cfg.data.format, limit=cfg.data.max_val_records)
+        val = load_records(data.val_path, data.format, limit=data.max_val_records, on_invalid=data.on_invalid)
     val = [r for r in val if r.locality][: cfg.train.val_records]
     if not val:
         raise ValueError(f"no validation record with a locality probe in {cfg.data.val_path}")
@@ -240,4 +244,4 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     if is_main:
         plot_training_curves(run_dir / "log.jsonl", run_dir / "training_curves.png")
     examples = steps_done * per_step * accelerator.num_processes
-    return TrainResult(run_dir, best_dir, progress, seconds, examples / seconds if seconds > 0 else math.nan)
+    return TrainResult(run_dir, best_dir, progress, seconds, examples / seconds if seconds > 0 else math.nan, networks)

@@ -1,0 +1,138 @@
+"""Meta-training batches: which records a step sees (per process), and how their rows are laid out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mend.data.records import EditRecord, Probe
+from mend.meta_batch import EditSampler, build_meta_batch, token_kinds
+from tiny_models import CharTokenizer
+
+
+def make_records(n: int, *, locality: bool = True) -> list[EditRecord]:
+    return [
+        EditRecord(str(i), f"Fact number {i} is", f"t{i}", rephrases=(f"Rephrased {i} is", f"Also {i} is"),
+                   locality=(Probe(f"Unrelated {i}", f"a{i}"),) if locality else ())
+        for i in range(n)
+    ]
+
+
+def ids(records) -> list[str]:
+    return [r.case_id for r in records]
+
+
+# ---------------------------------------------------------------- EditSampler
+def test_sampling_is_a_pure_function_of_seed_step_and_rank():
+    records = make_records(12)
+    a, b = EditSampler(records, 2, seed=3), EditSampler(records, 2, seed=3)
+    for step in (0, 1, 5, 17):
+        chosen = a.records_for_step(step)
+        assert ids(chosen) == ids(b.records_for_step(step))
+        assert a.choose(step, chosen) == b.choose(step, chosen)
+    # asking again, or out of order, gives the same answer (a resumed run sees the same batches)
+    assert ids(a.records_for_step(5)) == ids(EditSampler(records, 2, seed=3).records_for_step(5))
+    assert [ids(EditSampler(records, 2, seed=4).records_for_step(s)) for s in range(6)] != [
+        ids(a.records_for_step(s)) for s in range(6)
+    ]
+
+
+def test_processes_get_disjoint_records_in_every_step():
+    records = make_records(12)
+    rank0, rank1 = (EditSampler(records, 2, seed=0, rank=r, world=2) for r in (0, 1))
+    for step in range(9):
+        first, second = ids(rank0.records_for_step(step)), ids(rank1.records_for_step(step))
+        assert len(first) == len(second) == 2
+        assert not set(first) & set(second)
+
+
+def test_an_epoch_covers_the_records_without_repetition():
+    records = make_records(12)
+    world, per_step = 2, 2
+    samplers = [EditSampler(records, per_step, seed=1, rank=r, world=world) for r in range(world)]
+    per_epoch = 12 // (per_step * world)
+    for epoch in range(2):
+        seen = [i for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+                for sampler in samplers for i in ids(sampler.records_for_step(step))]
+        assert sorted(seen) == sorted(ids(records))
+    epoch0 = [ids(samplers[0].records_for_step(s)) for s in range(per_epoch)]
+    epoch1 = [ids(samplers[0].records_for_step(s + per_epoch)) for s in range(per_epoch)]
+    assert epoch0 != epoch1  # a fresh permutation each epoch
+
+
+def test_records_left_over_from_an_epoch_are_not_repeated_within_it():
+    records = make_records(7)  # 3 steps of 2, one record left over
+    sampler = EditSampler(records, 2, seed=0)
+    seen = [i for step in range(3) for i in ids(sampler.records_for_step(step))]
+    assert len(seen) == len(set(seen)) == 6
+
+
+def test_choose_picks_a_paraphrase_and_a_locality_probe_of_each_record():
+    records = make_records(4)
+    sampler = EditSampler(records, 4, seed=0)
+    equivalents, localities = sampler.choose(0, records)
+    for record, equivalent, probe in zip(records, equivalents, localities):
+        assert equivalent in record.rephrases
+        assert probe in record.locality
+    # no paraphrase: the prompt itself; no locality probe: one from the pool of other records
+    bare = EditRecord("x", "Bare prompt", "t")
+    equivalents, localities = EditSampler(records + [bare], 1, seed=0).choose(0, [bare])
+    assert equivalents == ["Bare prompt"] and localities[0] in [p for r in records for p in r.locality]
+
+
+def test_too_few_records_or_no_locality_probes_are_errors():
+    with pytest.raises(ValueError, match="too few"):
+        EditSampler(make_records(3), 2, seed=0, world=2)
+    sampler = EditSampler(make_records(4, locality=False), 2, seed=0)
+    with pytest.raises(ValueError, match="locality"):
+        sampler.choose(0, sampler.records_for_step(0))
+
+
+# ---------------------------------------------------------------- build_meta_batch
+def decode_rows(tokenizer, batch) -> list[str]:
+    return [tokenizer.decode(row[mask.bool()].tolist()) for row, mask in zip(batch.input_ids, batch.attention_mask)]
+
+
+@pytest.mark.parametrize("n_edits", [1, 2])
+def test_meta_batch_rows_and_groups(n_edits):
+    tokenizer = CharTokenizer()
+    records = make_records(4)
+    equivalents = [r.rephrases[1] for r in records]
+    localities = [r.locality[0] for r in records]
+    batch = build_meta_batch(tokenizer, records, equivalents, localities, max_length=64, n_edits=n_edits)
+
+    edit_rows = [f"{r.prompt} {r.target}" for r in records]
+    equiv_rows = [f"{e} {r.target}" for e, r in zip(equivalents, records)]
+    loc_rows = [f"{p.prompt} {p.answer}" for p in localities]
+    assert (batch.n_edit, batch.n_equiv, batch.n_loc) == (4, 4, 4)
+    assert decode_rows(tokenizer, batch.pre) == edit_rows + loc_rows  # pre: edit, locality
+    assert decode_rows(tokenizer, batch.post) == edit_rows + equiv_rows + loc_rows  # post: edit, equiv, locality
+
+    expected = torch.arange(4) // n_edits  # consecutive runs of n_edits records form one edit
+    assert torch.equal(batch.groups, expected)
+    assert batch.n_groups == 4 // n_edits
+    assert torch.equal(batch.pre_groups, torch.cat([expected] * 2))
+    assert torch.equal(batch.post_groups, torch.cat([expected] * 3))
+    assert batch.pre_loss_rows().tolist() == [True] * 4 + [False] * 4
+
+
+def test_token_kinds_label_each_target_token_by_its_row_kind():
+    tokenizer = CharTokenizer()
+    records = make_records(3)
+    batch = build_meta_batch(tokenizer, records, [r.rephrases[0] for r in records], [r.locality[0] for r in records],
+                             max_length=64)
+    kinds = token_kinds(batch.post, [batch.n_edit, batch.n_equiv, batch.n_loc])
+    assert kinds.shape == batch.post.target_ids.shape
+    assert torch.equal(kinds, batch.post.target_rows // 3)  # rows 0-2 edit, 3-5 equivalence, 6-8 locality
+    targets = [tokenizer.decode(batch.post.target_ids[kinds == k].tolist()) for k in range(3)]
+    assert targets == [" t0 t1 t2", " t0 t1 t2", " a0 a1 a2"]
+    pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
+    assert torch.equal(pre_kinds, (batch.pre.target_rows >= 3).long())
+
+
+def test_meta_batch_moves_to_a_device_whole():
+    records = make_records(2)
+    batch = build_meta_batch(CharTokenizer(), records, ["a b", "c d"], [r.locality[0] for r in records], max_length=64)
+    moved = batch.to("cpu")
+    assert torch.equal(moved.post.input_ids, batch.post.input_ids) and torch.equal(moved.groups, batch.groups)
+    assert (moved.n_edit, moved.n_equiv, moved.n_loc, moved.n_groups) == (2, 2, 2, 2)

@@ -1,0 +1,247 @@
+"""Meta-training on a tiny Llama: the editor learns, the base model is never touched, the run writes
+its outputs, bad steps are skipped, a resumed run equals an uninterrupted one, and data-parallel
+processes end with identical editors."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import mend.trainer as trainer
+from mend import Editor
+from mend.config import load_config
+from mend.networks import MendNetworks
+from mend.objective import StepOutput
+from mend.targets import resolve_targets
+from mend.train_state import load_train_state
+from mend.training_log import read_jsonl
+from tiny_models import tiny_model, tiny_records
+
+TESTS = Path(__file__).resolve().parent
+
+# A tiny editor that learns quickly: the step size starts large enough for edits to move the loss.
+BASE = [
+    "model.device=cpu", "train.progress=false", "model.edit_last_n_blocks=2", "editor.rank=8", "editor.init_lr=1.0",
+    "train.batch_size=2", "train.n_edits=1", "train.lr=1e-3", "train.lr_lr=1e-2", "train.val_records=4",
+    "train.patience=0",
+]
+
+
+def config(out_dir, *overrides):
+    return load_config([*BASE, f"train.out_dir={out_dir}", *overrides])
+
+
+def run(out_dir, *overrides, resume=False, model=None, tokenizer=None):
+    if model is None:
+        model, tokenizer = tiny_model("llama")
+    records = tiny_records()
+    return trainer.train(config(out_dir, *overrides), resume=resume, model=model, tokenizer=tokenizer,
+                         records=(records, records[:4]))
+
+
+def initial_networks(model, cfg) -> MendNetworks:
+    """The editor a run starts from (the trainer seeds with train.seed, then builds the networks)."""
+    torch.manual_seed(cfg.train.seed)
+    return MendNetworks(resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks), cfg.editor)
+
+
+def parameters(networks) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in networks.named_parameters()}
+
+
+def trainer_optimizer(networks) -> torch.optim.Adam:
+    """An optimiser with the trainer's parameter groups (networks, then step sizes), to load state into."""
+    return torch.optim.Adam([{"params": [p for n, p in networks.named_parameters() if n != "log_lrs"]},
+                             {"params": [networks.log_lrs]}])
+
+
+def steps(log, split) -> list[int]:
+    return [line["step"] for line in log if line["split"] == split]
+
+
+# ---------------------------------------------------------------- one 60-step run, several claims
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A 60-step run on the 8 tiny facts: (result, model, tokenizer, base-model snapshot, out_dir)."""
+    out_dir = tmp_path_factory.mktemp("learned")
+    model, tokenizer = tiny_model("llama")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    result = run(out_dir, "train.max_steps=60", "train.log_every=20", "train.val_every=30",
+                 model=model, tokenizer=tokenizer)
+    return result, model, tokenizer, before, out_dir
+
+
+def test_training_changes_the_editor_and_lowers_the_loss(learned):
+    result, model, _, _, out_dir = learned
+    start = parameters(initial_networks(model, config(out_dir)))
+    trained = parameters(result.networks)
+    changed = [name for name in start if not torch.equal(start[name], trained[name])]
+    assert "log_lrs" in changed and any(".blocks." in name for name in changed)
+    assert all(torch.isfinite(p).all() for p in trained.values())
+
+    losses = [line["loss"] for line in read_jsonl(out_dir / "log.jsonl") if line["split"] == "train"]
+    assert len(losses) == 3  # steps 20, 40, 60
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert losses == sorted(losses, reverse=True), losses
+    assert result.progress.step == 60 and result.progress.skipped_steps == 0
+    assert result.examples_per_second > 0
+
+
+def test_training_never_touches_the_base_model(learned):
+    _, model, _, before, _ = learned
+    after = model.state_dict()
+    changed = [name for name, tensor in before.items() if not torch.equal(after[name], tensor)]
+    assert not changed, f"base model tensors changed: {changed}"
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_a_run_writes_config_log_best_state_and_curves(learned):
+    result, model, tokenizer, _, out_dir = learned
+    assert result.run_dir == out_dir and result.best_dir == out_dir / "best"
+
+    saved = OmegaConf.load(out_dir / "config.yaml")
+    assert saved.train.max_steps == 60 and saved.editor.rank == 8 and saved.train.out_dir == str(out_dir)
+
+    log = read_jsonl(out_dir / "log.jsonl")
+    assert steps(log, "train") == [20, 40, 60]
+    assert steps(log, "val") == [30, 60]
+    for line in log:
+        assert set(trainer.METRICS) <= set(line)
+        assert all(math.isfinite(line[key]) for key in trainer.METRICS)
+    assert {"skipped", "lr_mean"} <= set(log[0])
+    assert "score" in next(line for line in log if line["split"] == "val")
+
+    editor = Editor.load(out_dir / "best", model, tokenizer)
+    assert [t.name for t in editor.targets] == [t.name for t in result.networks.targets]
+    edit = editor.edit("Paris is the capital of", "Rome")
+    assert edit.changed and all(math.isfinite(norm) for norm in edit.update_norms.values())
+    editor.revert()
+
+    cfg = config(out_dir, "train.max_steps=60")
+    fresh = initial_networks(model, cfg)
+    progress = load_train_state(out_dir / "state", fresh, trainer_optimizer(fresh))
+    assert progress.step == 60 and [h["step"] for h in progress.history] == [30, 60]
+    for name, tensor in result.networks.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+    png = out_dir / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- non-finite gradients
+def poison(monkeypatch, which) -> None:
+    """Make the training objective's loss NaN on the training calls whose index is in ``which``."""
+    calls = []
+
+    def objective(*args, **kwargs):
+        out = trainer_objective(*args, **kwargs)
+        if not torch.is_grad_enabled():  # validation
+            return out
+        calls.append(None)
+        if len(calls) - 1 in which:
+            return StepOutput(out.loss * float("nan"), out.metrics)
+        return out
+
+    trainer_objective = trainer.meta_objective
+    monkeypatch.setattr(trainer, "meta_objective", objective)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_counted(tmp_path, monkeypatch):
+    poison(monkeypatch, {1})
+    result = run(tmp_path, "train.max_steps=3", "train.log_every=3", "train.val_every=3")
+    assert result.progress.step == 3 and result.progress.skipped_steps == 1
+    assert [line["skipped"] for line in read_jsonl(tmp_path / "log.jsonl") if line["split"] == "train"] == [1]
+    assert all(torch.isfinite(t).all() for t in result.networks.state_dict().values())
+
+
+def test_skipped_steps_do_not_move_the_editor(tmp_path, monkeypatch):
+    poison(monkeypatch, {0, 1})
+    model, tokenizer = tiny_model("llama")
+    result = run(tmp_path, "train.max_steps=2", "train.val_every=2", model=model, tokenizer=tokenizer)
+    assert result.progress.skipped_steps == 2
+    start = parameters(initial_networks(model, config(tmp_path)))
+    for name, tensor in parameters(result.networks).items():
+        assert torch.equal(tensor, start[name]), name
+
+
+# ---------------------------------------------------------------- resume
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    common = ["train.log_every=2", "train.val_every=4"]
+    model, tokenizer = tiny_model("llama")
+    uninterrupted = run(tmp_path / "a", *common, "train.max_steps=8", model=model, tokenizer=tokenizer)
+
+    first = run(tmp_path / "b", *common, "train.max_steps=4", model=model, tokenizer=tokenizer)
+    assert first.progress.step == 4
+    resumed = run(tmp_path / "b", *common, "train.max_steps=8", resume=True, model=model, tokenizer=tokenizer)
+    assert resumed.progress.step == 8
+
+    a = load_file(str(tmp_path / "a" / "state" / "networks.safetensors"))
+    b = load_file(str(tmp_path / "b" / "state" / "networks.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+    log_a, log_b = read_jsonl(tmp_path / "a" / "log.jsonl"), read_jsonl(tmp_path / "b" / "log.jsonl")
+    assert steps(log_b, "train") == steps(log_a, "train") == [2, 4, 6, 8]  # no step logged twice
+    assert steps(log_b, "val") == steps(log_a, "val") == [4, 8]
+    for line_a, line_b in zip(log_a, log_b):
+        assert line_a["split"] == line_b["split"] and line_a["step"] == line_b["step"]
+        assert line_b["loss"] == pytest.approx(line_a["loss"], abs=1e-6)
+    assert len(resumed.progress.history) == len(uninterrupted.progress.history) == 2
+    for mine, theirs in zip(resumed.progress.history, uninterrupted.progress.history):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+# ---------------------------------------------------------------- early stopping
+def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path):
+    # lr 0: the editor never changes, so no validation beats the first one
+    result = run(tmp_path, "train.lr=0", "train.lr_lr=0", "train.patience=1", "train.val_every=2",
+                 "train.max_steps=50", "train.log_every=2")
+    assert result.progress.stopped_early
+    assert result.progress.step == 4 and result.progress.best_step == 2
+    assert steps(read_jsonl(tmp_path / "log.jsonl"), "val") == [2, 4]
+    fresh = MendNetworks(result.networks.targets, result.networks.config)
+    assert load_train_state(tmp_path / "state", fresh, trainer_optimizer(fresh)).stopped_early
+
+
+# ---------------------------------------------------------------- two processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with the gloo backend")
+def test_two_processes_end_with_identical_editors(tmp_path):
+    # accelerate launch --cpu runs multi-CPU jobs through mpirun; torchrun starts the two processes
+    # directly, and Accelerator() picks them up (MULTI_CPU, gloo).
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), str(TESTS / "dist_train_script.py"),
+               str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    initial = load_file(str(tmp_path / "initial.safetensors"))
+    assert rank0.keys() == rank1.keys() == initial.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the processes"
+    moved = [name for name in rank0 if not torch.equal(rank0[name], initial[name])]
+    assert "log_lrs" in moved and any(name.endswith("up.weight") for name in moved)
+
+    log = read_jsonl(tmp_path / "run" / "log.jsonl")  # only the main process logs: each step once
+    assert steps(log, "train") == [1, 2, 3, 4] and steps(log, "val") == [2, 4]
