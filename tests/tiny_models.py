@@ -80,3 +80,48 @@ def tiny_records(n: int = len(FACTS)):
                    locality=(Probe(f"Number {i} is", "odd" if i % 2 else "even"),))
         for i, (prompt, target) in enumerate(FACTS[:n])
     ]
+
+
+# Text the tiny Hugging Face tokenizer is trained on (any other text still encodes: byte-level).
+TOKENIZER_CORPUS = [prompt + " " + target for prompt, target in FACTS] + [
+    "Number 1 is odd", "Number 2 is even", "Q: The capital of France is Paris.",
+]
+
+
+def save_tiny_hf_model(path, family: str = "llama", seed: int = 0):
+    """Save a tiny ``family`` ('llama' or 'gpt2') causal LM and a real fast tokenizer to ``path`` in
+    Hugging Face format, so ``mend.load_base_model(str(path))`` and ``mend train model.name=PATH`` load it.
+
+    The tokenizer is a byte-level BPE trained on ``TOKENIZER_CORPUS`` (a few hundred tokens, any text
+    encodes), wrapped in ``PreTrainedTokenizerFast`` with ``<eos>`` as EOS and ``<pad>`` as pad token.
+    Returns ``path`` as a ``pathlib.Path``.
+    """
+    from pathlib import Path
+
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path = Path(path)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
+                                           bos_token="<bos>")
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=128, **common)
+        model = tf.LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
+        model = tf.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"save_tiny_hf_model supports 'llama' and 'gpt2', got {family!r}")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability")
     p.add_argument("--editor", help="editor checkpoint directory (needed for the mend method)")
-    p.add_argument("--model", help="base model when no editor is given (default: smollm2-135m)")
+    p.add_argument("--model", help="base model (default: the editor's, or smollm2-135m without --editor)")
     p.add_argument("--data", required=True, help="a CounterFact, zsRE or KnowEdit JSON file")
     p.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre", "knowedit"])
     p.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     except Exception as error:  # one clear line, unless --debug
         if args.debug:
             raise
-        print(f"mend: error: {type(error).__name__}: {error}", file=sys.stderr)
+        # some messages span lines (OmegaConf's key details, YAML parse errors): keep them on one
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"mend: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
 
 

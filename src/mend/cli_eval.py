@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def run_eval(args) -> int:
-    from .baselines import build_methods
+    from .baselines import METHOD_NAMES, build_methods
     from .config import EvalConfig
     from .data import load_records
     from .editor import Editor
@@ -14,9 +14,15 @@ def run_eval(args) -> int:
     from .models import DEFAULT_MODEL, load_base_model
 
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown or not names:
+        raise ValueError(f"unknown edit method(s) {unknown or names}; valid methods are {', '.join(METHOD_NAMES)}")
     records = load_records(args.data, args.format, limit=args.limit)
     if args.editor:
-        editor = Editor.load(args.editor, device=args.device)
+        model = tokenizer = None
+        if args.model:  # evaluate the editor on this model (refused if it was trained for another)
+            model, tokenizer = load_base_model(args.model, device=args.device)
+        editor = Editor.load(args.editor, model, tokenizer, device=args.device)
         model, tokenizer, max_length = editor.model, editor.tokenizer, editor.max_length
     else:
         if "mend" in names:

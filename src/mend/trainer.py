@@ -72,6 +72,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1):
+    """One meta-training step; returns its `StepOutput` and whether the update was applied."""
+    # 1. data: this step's records, one paraphrase and one locality probe each
+    chosen = sampler.records_for_step(step)
+    equivalents, localities = sampler.choose(step, chosen)
+    batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
+                             n_edits=cfg.train.n_edits).to(device)
+    # 2. edit, score the edited model, backward into the editor; average gradients over processes
+    out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
+    out.loss.backward()
+    if world > 1:
+        all_reduce_gradients(networks, world)
+    # 3. clip; skip the step if any gradient is not finite (one sync for the whole check)
+    total_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.train.grad_clip)
+    finite = bool(torch.isfinite(total_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        broadcast_buffers(networks)
+    return out, finite
+
+
 def validation_score(metrics: dict) -> float:
     """What early stopping maximises: the mean of edit, paraphrase and locality accuracy."""
     return (metrics["edit_acc"] + metrics["equiv_acc"] + metrics["loc_agree"]) / 3
@@ -186,26 +209,10 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     start = time.perf_counter()
     first_step = progress.step
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
-        step = progress.step
-        # 1. data: this step's records, one paraphrase and one locality probe each
-        chosen = sampler.records_for_step(step)
-        equivalents, localities = sampler.choose(step, chosen)
-        batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
-                                 n_edits=cfg.train.n_edits).to(device)
-        # 2. edit, score the edited model, backward into the editor; average gradients over processes
-        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
-        out.loss.backward()
-        if accelerator.num_processes > 1:
-            all_reduce_gradients(networks, accelerator.num_processes)
-        # 3. clip; skip the step if any gradient is not finite (one sync for the whole check)
-        total_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.train.grad_clip)
-        if torch.isfinite(total_norm):
-            optimizer.step()
-        else:
+        out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
+                                    accelerator.num_processes)
+        if not finite:
             progress.skipped_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.num_processes > 1:
-            broadcast_buffers(networks)
         progress.step += 1
         # 4. log
         for key in METRICS:
@@ -215,6 +222,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
             averaged = {k: v / running_count for k, v in running.items()}
             if log is not None:
                 log.write({"split": "train", "step": progress.step, **averaged, "skipped": progress.skipped_steps,
+                           "elapsed_s": round(time.perf_counter() - start, 2),
                            "lr_mean": float(networks.log_lrs.detach().exp().mean())})
             if bar is not None:
                 bar.set_postfix(loss=f"{averaged['loss']:.3f}", edit=f"{averaged['edit_acc']:.2f}", loc=f"{averaged['loc_agree']:.2f}")
