@@ -78,18 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=_edit)
 
-    p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability")
+    p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability",
+                       description="Flags default to the eval section of configs/default.yaml; any eval key can "
+                                   "also be given as an override, e.g. eval.ft_steps=20 eval.ftl_norm=1e-3.")
     p.add_argument("--editor", help="editor checkpoint directory (needed for the mend method)")
     p.add_argument("--model", help="base model (default: the editor's, or smollm2-135m without --editor)")
     p.add_argument("--data", required=True, help="a CounterFact, zsRE or KnowEdit JSON file")
     p.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre", "knowedit"])
-    p.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
-    p.add_argument("--methods", default="none,mend,ft,ft-l", help="comma-separated: none, mend, ft, ft-l")
-    p.add_argument("--limit", type=int, default=100, help="records to evaluate")
-    p.add_argument("--batch-size", type=int, default=10, help="edits applied together in batch mode")
-    p.add_argument("--curve-every", type=int, default=10, help="sequential mode: measure every M edits")
-    p.add_argument("--out", default="runs/eval", help="output directory")
+    p.add_argument("--mode", choices=["single", "batch", "sequential"], help="default: eval.mode")
+    p.add_argument("--methods", help="comma-separated from none, mend, ft, ft-l (default: eval.methods)")
+    p.add_argument("--limit", type=int, help="records to evaluate (default: eval.max_records)")
+    p.add_argument("--batch-size", type=int, help="edits applied together in batch mode (default: eval.batch_size)")
+    p.add_argument("--curve-every", type=int, help="sequential mode: measure every M edits (default: eval.curve_every)")
+    p.add_argument("--out", help="output directory (default: eval.out_dir)")
     p.add_argument("--device", default=None)
+    p.add_argument("overrides", nargs="*", help="eval.* config overrides")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the main job: train an editor on the embedded model and show edits")

@@ -4,20 +4,43 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# command-line flag -> eval config key it overrides
+FLAG_KEYS = {"mode": "mode", "methods": "methods", "limit": "max_records", "batch_size": "batch_size",
+             "curve_every": "curve_every", "out": "out_dir"}
+
+
+def eval_config_from(args):
+    """The eval config: configs/default.yaml, then the ``eval.*`` overrides, then the flags given."""
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError, load_config
+
+    not_eval = [o for o in args.overrides if not o.startswith("eval.")]
+    if not_eval:
+        raise ConfigError(f"mend eval takes only eval.* overrides, got {not_eval}")
+    cfg = load_config(args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            if flag == "methods":
+                value = [n.strip() for n in value.split(",") if n.strip()]
+            OmegaConf.update(cfg, f"eval.{key}", value)
+    return cfg.eval
+
 
 def run_eval(args) -> int:
     from .baselines import METHOD_NAMES, build_methods
-    from .config import EvalConfig
     from .data import load_records
     from .editor import Editor
     from .evaluate import evaluate
     from .models import DEFAULT_MODEL, load_base_model
 
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    eval_cfg = eval_config_from(args)
+    names = list(eval_cfg.methods)
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
         raise ValueError(f"unknown edit method(s) {unknown or names}; valid methods are {', '.join(METHOD_NAMES)}")
-    records = load_records(args.data, args.format, limit=args.limit)
+    records = load_records(args.data, args.format, limit=eval_cfg.max_records)
     if args.editor:
         model = tokenizer = None
         if args.model:  # evaluate the editor on this model (refused if it was trained for another)
@@ -30,12 +53,10 @@ def run_eval(args) -> int:
         editor = None
         model, tokenizer = load_base_model(args.model or DEFAULT_MODEL, device=args.device)
         max_length = 128
-    eval_cfg = EvalConfig(mode=args.mode, batch_size=args.batch_size, curve_every=args.curve_every,
-                          max_records=args.limit, methods=names, out_dir=args.out)
     methods = build_methods(names, editor, model, tokenizer, eval_cfg, checkpoint=args.editor)
     report = evaluate(
-        methods, records, model, tokenizer, mode=args.mode, batch_size=args.batch_size,
-        curve_every=args.curve_every, max_length=max_length, out_dir=Path(args.out), progress=True,
+        methods, records, model, tokenizer, mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,
+        curve_every=eval_cfg.curve_every, max_length=max_length, out_dir=Path(eval_cfg.out_dir), progress=True,
         meta={"data": str(args.data), "editor_checkpoint": args.editor},
     )
     print(f"wrote {', '.join(str(p) for p in report.files.values())}")
