@@ -19,10 +19,10 @@ import torch
 from mend.config import load_config
 from mend.data import load_records
 from mend.meta_batch import EditSampler
-from mend.models import load_base_model
+from mend.models import load_base_model, resolve_device
 from mend.networks import MendNetworks
 from mend.targets import resolve_targets
-from mend.trainer import training_step
+from mend.trainer import make_optimizer, training_step
 
 
 def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warmup: int = 3) -> float:
@@ -30,9 +30,9 @@ def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warm
     device = next(model.parameters()).device
     targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
     networks = MendNetworks(targets, cfg.editor).to(device).train()
-    optimizer = torch.optim.Adam(networks.parameters(), lr=cfg.train.lr)
-    sampler = EditSampler(records, batch_size * cfg.train.n_edits, seed=0)
+    optimizer = make_optimizer(networks, cfg)
     cfg.train.batch_size = batch_size
+    sampler = EditSampler(records, batch_size * cfg.train.n_edits, seed=0)
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
@@ -52,8 +52,7 @@ def main():
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. editor=cpu model.device=cuda")
     args = parser.parse_args()
     cfg = load_config(["model.device=cpu", *args.overrides])
-    device = torch.device("cuda" if cfg.model.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.model.device == "auto" else cfg.model.device))
+    device = resolve_device(cfg.model.device)
     model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
     records = load_records(args.data)
     print(f"{cfg.model.name} on {device} ({torch.get_num_threads()} threads), editor rank {cfg.editor.rank}, "

@@ -2,7 +2,8 @@
 
     python scripts/train.py [--resume] [--config FILE] [overrides ...]
     python scripts/train.py data=counterfact editor=small train.max_steps=2000
-    accelerate launch --num_processes 2 --cpu scripts/train.py train.max_steps=100   # data-parallel
+    python -m torch.distributed.run --nproc_per_node 2 scripts/train.py train.max_steps=100  # CPU data-parallel
+    accelerate launch scripts/train.py ...                                                 # GPU data-parallel
 """
 
 from mend.cli import main

@@ -73,11 +73,19 @@ def test_prediction_mask_target_ids_and_rows_line_up():
     assert int(batch.prediction_mask.sum()) == len(expected_ids)
 
 
-def test_last_needed_spans_real_tokens_up_to_the_last_target():
+def _without_last_real_token(mask):
+    expected = mask.bool().clone()
+    for row in range(mask.shape[0]):
+        expected[row, int(mask[row].nonzero().max())] = False
+    return expected
+
+
+def test_last_needed_spans_real_tokens_up_to_the_last_prediction():
+    # targets end each row, so every real token but the last one can influence the loss
     batch = encode_pairs(CharTokenizer(), PROMPTS, TARGETS, padding_side="right")
-    assert torch.equal(batch.last_needed, batch.attention_mask.bool())
+    assert torch.equal(batch.last_needed, _without_last_real_token(batch.attention_mask))
     left = encode_pairs(CharTokenizer(), PROMPTS, TARGETS, padding_side="left")
-    assert torch.equal(left.last_needed, left.attention_mask.bool())
+    assert torch.equal(left.last_needed, _without_last_real_token(left.attention_mask))
 
 
 @pytest.mark.parametrize(

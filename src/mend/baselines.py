@@ -130,7 +130,7 @@ class FineTune(EditMethod):
         for _ in range(self.steps):
             # forward with the trainable copies in place of the model's matrices
             current = {n: w.to(self._params[n].dtype) for n, w in weights.items()}
-            with autocast_for(device):
+            with autocast_for(device, False):  # FT in the model's own precision
                 logits = target_logits(self.model, batch, current)  # (N, V)
             loss = mean_nll(logits, batch.target_ids)
             # gradients only for the copies: nothing is accumulated on model parameters

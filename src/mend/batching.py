@@ -52,9 +52,10 @@ class TokenBatch:
 
     @property
     def last_needed(self) -> torch.Tensor:
-        """(B, T) True at real tokens up to each row's last target token: the positions whose
-        activations can influence the loss (later positions and padding get zero gradient)."""
-        last = self.target_mask.long().flip(1).cumsum(1).flip(1) > 0  # a target at or after t
+        """(B, T) True at real tokens up to each row's last prediction position (the token before its
+        last target token): the positions whose activations can influence the loss. The last target
+        token itself, later positions and padding all get exactly zero gradient."""
+        last = self.prediction_mask.long().flip(1).cumsum(1).flip(1) > 0  # a prediction at or after t
         return last & self.attention_mask.bool()
 
     def to(self, device) -> "TokenBatch":

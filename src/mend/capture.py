@@ -85,7 +85,7 @@ class Rank1Capture:
 
 def capture_rank1(
     model, targets: list[EditTarget], batch: TokenBatch, loss_rows: torch.Tensor | None = None,
-    row_groups: torch.Tensor | None = None,
+    row_groups: torch.Tensor | None = None, *, bf16: bool = False,
 ) -> Rank1Capture:
     """One forward/backward of the frozen base model; returns the rank-1 factors of the edit loss.
 
@@ -96,12 +96,13 @@ def capture_rank1(
         row_groups: (B,) edit group of each row (default: one group). The loss is the sum over groups
             of each group's mean target NLL, so every group's factors are exactly those it would get
             in a pass of its own.
+        bf16: run the forward under bf16 autocast (CUDA only).
     """
     if loss_rows is None:
         loss_rows = torch.ones(len(batch), dtype=torch.bool, device=batch.input_ids.device)
     device = batch.input_ids.device
     with torch.enable_grad():  # works inside a caller's no_grad (validation)
-        with ModuleRecorder(model, targets) as recorder, autocast_for(device):
+        with ModuleRecorder(model, targets) as recorder, autocast_for(device, bf16):
             logits = target_logits(model, batch)  # (N_all, V)
         in_loss = loss_rows[batch.target_rows]
         if row_groups is None:

@@ -55,6 +55,17 @@ def atomic_write_dir(path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_dir(path) -> Path:
+    """Undo a swap that `atomic_write_dir` was killed in the middle of: if ``path`` is missing but the
+    previous version was set aside, put it back. Returns ``path``."""
+    path = Path(path)
+    if not path.exists():
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if leftovers:
+            os.replace(leftovers[-1], path)
+    return path
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path) -> None:
     """Save contiguous CPU copies of ``tensors`` as safetensors, atomically."""
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

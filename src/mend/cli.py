@@ -24,22 +24,21 @@ def _train(args) -> int:
     return 0
 
 
-def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    import torch
+def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy continuation of ``prompt`` (the decoding the eval harness scores)."""
+    from .eval_metrics import greedy_continuations
 
-    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    ids = greedy_continuations(model, tokenizer, [prompt], [max_new_tokens])[0]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def _edit(args) -> int:
     from .editor import Editor
 
     editor = Editor.load(args.editor, device=args.device)
-    before = _greedy(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
+    before = greedy_text(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
     result = editor.edit(args.prompt, args.target)
-    after = _greedy(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
+    after = greedy_text(editor.model, editor.tokenizer, args.prompt, args.max_new_tokens)
     print(f"prompt: {args.prompt}")
     print(f"before: {before.strip()}")
     print(f"after:  {after.strip()}")

@@ -10,7 +10,7 @@ FLAG_KEYS = {"mode": "mode", "methods": "methods", "limit": "max_records", "batc
 
 
 def eval_config_from(args):
-    """The eval config: configs/default.yaml, then the ``eval.*`` overrides, then the flags given."""
+    """The config: configs/default.yaml, then the ``eval.*`` overrides, then the flags given."""
     from omegaconf import OmegaConf
 
     from .config import ConfigError, load_config
@@ -25,7 +25,7 @@ def eval_config_from(args):
             if flag == "methods":
                 value = [n.strip() for n in value.split(",") if n.strip()]
             OmegaConf.update(cfg, f"eval.{key}", value)
-    return cfg.eval
+    return cfg
 
 
 def run_eval(args) -> int:
@@ -35,7 +35,8 @@ def run_eval(args) -> int:
     from .evaluate import evaluate
     from .models import DEFAULT_MODEL, load_base_model
 
-    eval_cfg = eval_config_from(args)
+    cfg = eval_config_from(args)
+    eval_cfg = cfg.eval
     names = list(eval_cfg.methods)
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
@@ -52,7 +53,7 @@ def run_eval(args) -> int:
             raise ValueError("the mend method needs --editor DIR (a trained editor); or drop it from --methods")
         editor = None
         model, tokenizer = load_base_model(args.model or DEFAULT_MODEL, device=args.device)
-        max_length = 128
+        max_length = cfg.model.max_length
     methods = build_methods(names, editor, model, tokenizer, eval_cfg, checkpoint=args.editor)
     report = evaluate(
         methods, records, model, tokenizer, mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,

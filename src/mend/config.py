@@ -139,6 +139,9 @@ def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=
         file: an extra YAML file merged after the defaults and before the overrides.
     """
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    if not config_dir.is_dir():
+        raise ConfigError(f"config directory {config_dir} does not exist: run from a source checkout of mend "
+                          f"or set MEND_CONFIG_DIR to a copy of its configs/")
     cfg = OmegaConf.structured(MendConfig)
     default_file = config_dir / "default.yaml"
     if default_file.is_file():
@@ -182,6 +185,17 @@ def validate(cfg) -> None:
         raise ConfigError(f"model.edit_last_n_blocks must be >= 1, got {cfg.model.edit_last_n_blocks}")
     if cfg.model.max_length < 2:
         raise ConfigError(f"model.max_length must be >= 2, got {cfg.model.max_length}")
+    for key in ("max_steps", "val_every", "log_every", "val_records"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {cfg.train[key]}")
+    for key in ("lr", "lr_lr", "grad_clip"):
+        if not cfg.train[key] >= 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
+    if cfg.train.patience < 0:
+        raise ConfigError(f"train.patience must be >= 0 (0 = never stop early), got {cfg.train.patience}")
+    if cfg.eval.batch_size < 1 or cfg.eval.curve_every < 1:
+        raise ConfigError(f"eval.batch_size and eval.curve_every must be >= 1, got {cfg.eval.batch_size}, "
+                          f"{cfg.eval.curve_every}")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     if cfg.train.n_edits < 1:

@@ -15,15 +15,9 @@ DEMO_EDITS = 5
 DEMO_EVAL_RECORDS = 40
 
 
-def _greedy(model, tokenizer, prompt: str, n: int = 8) -> str:
-    from .eval_metrics import greedy_continuations
-
-    ids = greedy_continuations(model, tokenizer, [prompt], [n])[0]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def run_demo(args) -> int:
     from .baselines import build_methods
+    from .cli import greedy_text
     from .config import load_config
     from .data import load_records
     from .editor import Editor
@@ -47,16 +41,17 @@ def run_demo(args) -> int:
         train(cfg, model=model, tokenizer=tokenizer)
     editor = Editor.load(best, model, tokenizer)
 
-    records = load_records(cfg.data.val_path, cfg.data.format)
+    # held out twice over: not trained on, and not among the validation records that chose the checkpoint
+    records = load_records(cfg.data.val_path, cfg.data.format)[cfg.train.val_records :]
     print(f"[3/4] {DEMO_EDITS} held-out edits (facts the editor never saw in training):")
     for record in records[:DEMO_EDITS]:
-        before = _greedy(model, tokenizer, record.prompt)
+        before = greedy_text(model, tokenizer, record.prompt, 8)
         with editor.edited(record.prompt, record.target) as result:
-            after = _greedy(model, tokenizer, record.prompt)
+            after = greedy_text(model, tokenizer, record.prompt, 8)
             paraphrase = record.rephrases[0] if record.rephrases else record.prompt
-            after_paraphrase = _greedy(model, tokenizer, paraphrase)
+            after_paraphrase = greedy_text(model, tokenizer, paraphrase, 8)
             probe = record.locality[0] if record.locality else None
-            after_probe = _greedy(model, tokenizer, probe.prompt) if probe else ""
+            after_probe = greedy_text(model, tokenizer, probe.prompt, 8) if probe else ""
         print(f"\n  edit: {record.prompt!r} -> {record.target!r}   ({result.seconds * 1000:.0f} ms)")
         print(f"    before:      {before}")
         print(f"    after:       {after}")

@@ -21,10 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .batching import EditInputError, check_text, encode_pairs
 from .capture import capture_rank1
-from .checkpoint import CheckpointError, atomic_write_dir, load_tensors, load_yaml, save_tensors, save_yaml
+from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import ModelConfig, editor_config
 from .models import load_base_model, model_identity
-from .networks import MendNetworks
+from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
 
 FORMAT_VERSION = 1
@@ -86,7 +86,6 @@ class Editor:
         self.model = model
         self.tokenizer = tokenizer
         self.networks = networks.to(self.device)
-        self.networks.eval()
         self.max_length = int(max_length)
         self.model_config = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_config or {})
         self.targets: list[EditTarget] = networks.targets
@@ -128,21 +127,15 @@ class Editor:
         prompts, targets = zip(*pairs)
         batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length).to(self.device)
         capture = capture_rank1(self.model, self.targets, batch)
-        self.networks.eval()
-        factors = {}
-        with torch.no_grad():
-            lrs = self.networks.step_sizes()
-            for target in self.targets:
-                u, delta = capture.factors[target.name]
-                u_t, delta_t = self.networks.transform(target.name, u, delta)
-                factors[target.name] = (u_t, delta_t, lrs[target.name])
-        updates = {name: self._update_from(*f) for name, f in factors.items()}
+        was_training = self.networks.training
+        self.networks.eval()  # statistics frozen at edit time
+        try:
+            with torch.no_grad():
+                factors = self.networks.transformed(capture.factors)
+        finally:
+            self.networks.train(was_training)
+        updates = {name: update_from(*f) for name, f in factors.items()}
         return updates, factors, float(capture.loss)
-
-    @staticmethod
-    def _update_from(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        """dW = -lr * delta~^T u~: (d_out, d_in). The single place updates are formed, so replays are exact."""
-        return -lr * (delta_t.t() @ u_t)
 
     def edit(self, prompt: str, target: str) -> EditResult:
         """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass."""
@@ -153,9 +146,13 @@ class Editor:
         start = time.perf_counter()
         pairs = _as_pairs(pairs)
         updates, factors, loss = self.compute_updates(pairs)
-        for name, update in updates.items():
-            if not torch.isfinite(update).all():
-                raise EditFailedError(f"the update for {name} contains NaN or inf; the model was not changed")
+        new_weights = self._updated_weights(updates)  # checked in the weights' own dtype before any write
+        for name, weight in new_weights.items():
+            if not torch.isfinite(weight).all():
+                raise EditFailedError(f"the update for {name} contains NaN or inf, or overflows "
+                                      f"{weight.dtype}; the model was not changed")
+        changed = [name for name, weight in new_weights.items() if not torch.equal(weight, self._params[name])]
+        del new_weights
         if self._originals is None:
             self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
         try:
@@ -166,7 +163,7 @@ class Editor:
         result = EditResult(
             edit_id=next(self._ids),
             pairs=pairs,
-            changed=[name for name, u in updates.items() if bool(u.abs().sum() > 0)],
+            changed=changed,
             update_norms={name: float(u.norm()) for name, u in updates.items()},
             loss=loss,
             seconds=time.perf_counter() - start,
@@ -174,6 +171,12 @@ class Editor:
         )
         self._applied.append(result)
         return result
+
+    @torch.no_grad()
+    def _updated_weights(self, updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What each target weight would become (the same arithmetic as `_apply`, out of place)."""
+        return {t.name: self._params[t.name] + to_storage(updates[t.name], t).to(self._params[t.name].dtype)
+                for t in self.targets}
 
     @torch.no_grad()
     def _apply(self, updates: dict[str, torch.Tensor]) -> None:
@@ -189,7 +192,7 @@ class Editor:
         for name, original in self._originals.items():
             self._params[name].copy_(original)
         for result in keep:
-            self._apply({name: self._update_from(*f) for name, f in result._factors.items()})
+            self._apply({name: update_from(*f) for name, f in result._factors.items()})
 
     def revert(self, result: EditResult | None = None) -> None:
         """Undo every edit (default), or one edit given by its result; weights return bit for bit
@@ -197,12 +200,15 @@ class Editor:
         if result is None:
             self._restore([])
             self._applied.clear()
+            self._originals = None  # the next edit snapshots the weights as they are then
             return
         if result not in self._applied:
             raise ValueError(f"edit {result.edit_id} is not applied to this editor's model")
         keep = [r for r in self._applied if r is not result]
         self._restore(keep)
         self._applied = keep
+        if not keep:
+            self._originals = None
 
     @contextlib.contextmanager
     def edited(self, prompt: str, target: str):
@@ -251,7 +257,7 @@ class Editor:
     def load(cls, path, model=None, tokenizer=None, *, device=None) -> "Editor":
         """Load an editor saved by `save`. Without ``model``, the base model it was trained for is
         loaded. A model that is not the one the editor was trained for is refused (CheckpointError)."""
-        path = Path(path)
+        path = recover_dir(path)
         if not path.is_dir():
             raise CheckpointError(f"editor checkpoint {path} is not a directory")
         meta = load_yaml(path / CONFIG_FILE)
@@ -269,7 +275,8 @@ class Editor:
         model_meta = dict(meta["model"])
         identity = model_meta.pop("identity", {})
         if model is None:
-            model, tokenizer = load_base_model(identity.get("name_or_path") or model_meta.get("name"), device=device)
+            model, tokenizer = load_base_model(identity.get("name_or_path") or model_meta.get("name"),
+                                               dtype=model_meta.get("dtype"), device=device)
         elif tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         try:
@@ -292,10 +299,15 @@ class Editor:
 
 def _check_same_model(path, identity: dict, saved_targets: list[dict], model) -> None:
     current = model_identity(model)
+    required = ("model_type", "hidden_size", "num_layers", "vocab_size", "num_parameters")
+    missing = [key for key in required if key not in identity]
+    if missing or any("fingerprint" not in t for t in saved_targets):
+        raise CheckpointError(f"{path / CONFIG_FILE} lacks the base model's identity ({missing or 'fingerprints'}); "
+                              f"cannot check that it fits this model")
     problems = [
         f"{key}: checkpoint {identity[key]!r}, model {current[key]!r}"
-        for key in ("model_type", "hidden_size", "num_layers", "vocab_size", "num_parameters")
-        if key in identity and identity[key] != current[key]
+        for key in required
+        if identity[key] != current[key]
     ]
     params = dict(model.named_parameters())
     for saved in saved_targets:
@@ -308,12 +320,11 @@ def _check_same_model(path, identity: dict, saved_targets: list[dict], model) ->
         if shape != expected:
             problems.append(f"{name}: checkpoint shape {expected}, model {shape}")
             continue
-        if "fingerprint" in saved:
-            current_fp = _fingerprint(params[name])
-            for got, want in zip(current_fp, saved["fingerprint"]):
-                if not math.isclose(got, want, rel_tol=2e-2, abs_tol=1e-3 * max(1.0, math.sqrt(abs(saved["fingerprint"][1])))):
-                    problems.append(f"{name}: weights differ from the model the editor was trained for")
-                    break
+        # [sum, sum of squares]: tolerant of a dtype change (bf16 rounding), not of other weights
+        (got_sum, got_sq), (want_sum, want_sq) = _fingerprint(params[name]), saved["fingerprint"]
+        norm = math.sqrt(abs(want_sq))
+        if not (math.isclose(got_sq, want_sq, rel_tol=1e-3) and abs(got_sum - want_sum) <= 1e-2 * norm + 1e-6):
+            problems.append(f"{name}: weights differ from the model the editor was trained for")
     if problems:
         raise CheckpointError(
             f"the editor in {path} was trained for another base model ({identity.get('name_or_path', '?')}): "

@@ -104,6 +104,18 @@ def setup_tokenizer(tokenizer):
     return tokenizer
 
 
+def resolve_device(name) -> torch.device:
+    """A torch device from a name; "auto" is CUDA when available, else CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device is {name!r} but CUDA is not available; use model.device=cpu")
+    return device
+
+
 def load_base_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device=None):
     """Load a causal language model and its (fast) tokenizer.
 
@@ -140,7 +152,7 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device=Non
     model.requires_grad_(False)
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(resolve_device(device))
     return model, tokenizer
 
 

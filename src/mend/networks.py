@@ -175,6 +175,15 @@ class MendNetworks(nn.Module):
         network = self.networks[self.network_of[name]]
         return network(u.float(), delta.float(), self.mode_of[name])
 
+    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple]:
+        """Every matrix's transformed factors and step size: name -> (u~ (N, d_in), delta~ (N, d_out), lr_l)."""
+        lrs = self.step_sizes()
+        out = {}
+        for target in self.targets:
+            u, delta = factors[target.name]
+            out[target.name] = (*self.transform(target.name, u, delta), lrs[target.name])
+        return out
+
     def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Weight updates from rank-1 factors.
 
@@ -182,12 +191,11 @@ class MendNetworks(nn.Module):
             factors: name -> (u (N, d_in), delta (N, d_out)).
 
         Returns:
-            name -> dW (d_out, d_in), float32, ``-lr_l * delta~^T u~``.
+            name -> dW (d_out, d_in), float32.
         """
-        lrs = self.step_sizes()
-        updates = {}
-        for target in self.targets:
-            u, delta = factors[target.name]
-            u_t, delta_t = self.transform(target.name, u, delta)
-            updates[target.name] = -lrs[target.name] * (delta_t.t() @ u_t)  # (d_out, d_in)
-        return updates
+        return {name: update_from(*t) for name, t in self.transformed(factors).items()}
+
+
+def update_from(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """dW = -lr * delta~^T u~: (d_out, d_in). The one place updates are formed, so replays are exact."""
+    return -lr * (delta_t.t() @ u_t)

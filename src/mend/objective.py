@@ -45,28 +45,22 @@ def edited_params(model, networks: MendNetworks, factors) -> dict[str, torch.Ten
 def group_edits(networks: MendNetworks, capture, groups_of_rows: torch.Tensor, n_groups: int) -> dict:
     """Transform the captured factors and pad them per edit group: name -> (U, D, lr) for `grouped_edits`."""
     position_groups = groups_of_rows[capture.rows]  # (N,)
-    lrs = networks.step_sizes()
-    edits = {}
-    for target in networks.targets:
-        u, delta = capture.factors[target.name]
-        u_t, delta_t = networks.transform(target.name, u, delta)  # (N, d_in), (N, d_out)
-        edits[target.name] = (
-            pad_by_group(u_t, position_groups, n_groups),
-            pad_by_group(delta_t, position_groups, n_groups),
-            lrs[target.name],
-        )
-    return edits
+    return {
+        name: (pad_by_group(u_t, position_groups, n_groups), pad_by_group(delta_t, position_groups, n_groups), lr)
+        for name, (u_t, delta_t, lr) in networks.transformed(capture.factors).items()
+    }
 
 
-def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float) -> StepOutput:
+def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float,
+                   bf16: bool = False) -> StepOutput:
     """Loss and metrics of one batch of independent edits; backward through it trains the editor."""
     device = batch.pre.input_ids.device
-    capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), batch.pre_groups)
+    capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), batch.pre_groups, bf16=bf16)
     pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
     pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
 
     edits = group_edits(networks, capture, batch.pre_groups, batch.n_groups)
-    with grouped_edits(model, networks.targets, edits, batch.post_groups), autocast_for(device):
+    with grouped_edits(model, networks.targets, edits, batch.post_groups), autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit
     kinds = token_kinds(batch.post, [batch.n_edit, batch.n_equiv, batch.n_loc])
     target_ids = batch.post.target_ids

@@ -108,7 +108,7 @@ def write_report(report: EvalReport, out_dir) -> dict[str, Path]:
     return files
 
 
-def _figure(ncols: int, width: float = 4.5, height: float = 3.6):
+def new_figure(ncols: int, width: float = 4.5, height: float = 3.6):
     """A matplotlib Figure with ``ncols`` axes, without pyplot (no global backend state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -118,7 +118,7 @@ def _figure(ncols: int, width: float = 4.5, height: float = 3.6):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
@@ -126,7 +126,7 @@ def plot_metrics(report: EvalReport, path) -> None:
     """One panel per protocol; grouped bars: probe kinds on the x axis, one bar per method."""
     names = list(report.methods)
     kinds = list(KINDS) + ["locality_gt"]
-    fig, axes = _figure(len(PROTOCOLS))
+    fig, axes = new_figure(len(PROTOCOLS))
     width = 0.8 / max(1, len(names))
     for ax, protocol in zip(axes, PROTOCOLS):
         for j, name in enumerate(names):
@@ -139,13 +139,13 @@ def plot_metrics(report: EvalReport, path) -> None:
         ax.set_ylabel("%")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report.mode} mode, {report.settings.get('n_records')} edits")
-    _save_png(fig, Path(path))
+    save_png(fig, Path(path))
 
 
 def plot_curves(report: EvalReport, path) -> None:
     """One panel per probe kind: the metric against edits applied; solid tf_acc, dashed gen."""
     kinds = [k for k in list(KINDS) if any(p.get(f"{k}_tf_acc") is not None for c in report.curves.values() for p in c)]
-    fig, axes = _figure(max(1, len(kinds)))
+    fig, axes = new_figure(max(1, len(kinds)))
     for ax, kind in zip(axes, kinds):
         for j, (name, points) in enumerate(report.curves.items()):
             color = f"C{j}"
@@ -159,7 +159,7 @@ def plot_curves(report: EvalReport, path) -> None:
         ax.set_ylim(-2, 102)
     axes[0].set_ylabel("%")
     axes[0].legend(fontsize=7)
-    _save_png(fig, Path(path))
+    save_png(fig, Path(path))
 
 
 def write_plots(report: EvalReport, out_dir) -> dict[str, Path]:

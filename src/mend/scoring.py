@@ -72,9 +72,9 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> tor
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def autocast_for(device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing elsewhere."""
+def autocast_for(device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for and on CUDA; nothing elsewhere."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -131,7 +131,10 @@ def resolve_targets(model: nn.Module, edit_params=None, last_n_blocks: int = 3) 
     parameters = dict(model.named_parameters())
     candidates = editable_candidates(model)
     modules = dict(model.named_modules())
-    prefix, blocks = find_blocks(model)
+    try:
+        prefix = find_blocks(model)[0]
+    except ValueError:  # explicit names on a model without a recognisable block list
+        prefix = None
     order = {name: i for i, name in enumerate(parameters)}
     targets = []
     for name in names:
@@ -145,7 +148,7 @@ def resolve_targets(model: nn.Module, edit_params=None, last_n_blocks: int = 3) 
         weight = module.weight
         d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         layer = -1
-        if module_name.startswith(prefix + "."):
+        if prefix is not None and module_name.startswith(prefix + "."):
             head = module_name[len(prefix) + 1 :].split(".", 1)[0]
             layer = int(head) if head.isdigit() else -1
         targets.append(EditTarget(name, module_name, layer, transposed, int(d_in), int(d_out)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write_dir, load_tensors, load_yaml, save_tensors, save_yaml
+from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 
 NETWORKS_FILE = "networks.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -67,7 +67,7 @@ def save_train_state(path, networks, optimizer, progress: Progress, config_yaml:
 
 def load_train_state(path, networks, optimizer, device="cpu") -> Progress:
     """Restore networks and optimiser in place from ``path``; return the saved progress."""
-    path = Path(path)
+    path = recover_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"no training state to resume from at {path}")
     meta = load_yaml(path / STATE_FILE)

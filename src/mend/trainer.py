@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from .editor import Editor
 from .meta_batch import EditSampler, build_meta_batch
-from .models import load_base_model
+from .models import load_base_model, resolve_device
 from .networks import MendNetworks
 from .objective import meta_objective
 from .targets import resolve_targets
@@ -53,6 +53,33 @@ def broadcast_buffers(networks) -> None:
         dist.broadcast(buffer, 0)
 
 
+# keys that may change between a run and its resumption; any other change is a different run
+RESUMABLE_CHANGES = {"train.max_steps", "train.patience", "train.progress", "train.val_every", "train.log_every",
+                     "model.device"}
+
+
+def check_resumable(state_dir: Path, cfg) -> None:
+    """Refuse to resume a run whose saved config differs from ``cfg`` beyond `RESUMABLE_CHANGES`."""
+    from .checkpoint import CheckpointError
+
+    from .checkpoint import recover_dir
+
+    saved_file = recover_dir(state_dir) / "config.yaml"
+    if not saved_file.is_file():
+        raise CheckpointError(f"no training state to resume from at {state_dir} (missing config.yaml)")
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    current = OmegaConf.to_container(cfg, enum_to_str=True)
+    differences = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in current.items()
+        for key, value in values.items()
+        if f"{section}.{key}" not in RESUMABLE_CHANGES and saved.get(section, {}).get(key) != value
+    ]
+    if differences:
+        raise ValueError(f"cannot resume {state_dir}: the config changed ({'; '.join(differences)}); "
+                         f"start a new run (train.out_dir) or undo the change")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -63,13 +90,12 @@ class TrainResult:
     networks: MendNetworks | None = None  # the trained editor networks (this process's copy)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"model.device is {name!r} but CUDA is not available; use model.device=cpu")
-    return device
+def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
+    """Adam on the editor networks (``train.lr``) and on the log step sizes (``train.lr_lr``)."""
+    network_params = [p for n, p in networks.named_parameters() if n != "log_lrs"]
+    return torch.optim.Adam(
+        [{"params": network_params, "lr": cfg.train.lr}, {"params": [networks.log_lrs], "lr": cfg.train.lr_lr}]
+    )
 
 
 def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1):
@@ -80,7 +106,8 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
                              n_edits=cfg.train.n_edits).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
-    out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
+    out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
+                         bf16=cfg.train.bf16)
     out.loss.backward()
     if world > 1:
         all_reduce_gradients(networks, world)
@@ -108,17 +135,20 @@ def validate(model, networks, tokenizer, records, cfg, device) -> dict:
     networks.eval()
     sums = {k: 0.0 for k in METRICS}
     n = cfg.train.n_edits * cfg.train.batch_size
+    weights = 0
     chunks = [records[i : i + n] for i in range(0, len(records), n)]
     for chunk in chunks:
         equivalents = [r.rephrases[0] if r.rephrases else r.prompt for r in chunk]
         localities = [r.locality[0] for r in chunk]
         batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
                                  n_edits=cfg.train.n_edits).to(device)
-        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc)
-        for key in METRICS:
-            sums[key] += float(out.metrics[key])
+        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
+                         bf16=cfg.train.bf16)
+        for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
+            sums[key] += float(out.metrics[key]) * len(chunk)
+        weights += len(chunk)
     networks.train(was_training)
-    metrics = {k: v / len(chunks) for k, v in sums.items()}
+    metrics = {k: v / weights for k, v in sums.items()}
     metrics["score"] = validation_score(metrics)
     return metrics
 
@@ -160,21 +190,21 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
 
     if model is None:
         model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
+    else:
+        model.to(device)
     model.requires_grad_(False)
     model.eval()
     train_records, val_records = records if records is not None else _load_data(cfg)
 
     targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
     networks = MendNetworks(targets, cfg.editor).to(device)
-    network_params = [p for n, p in networks.named_parameters() if n != "log_lrs"]
-    optimizer = torch.optim.Adam(
-        [{"params": network_params, "lr": cfg.train.lr}, {"params": [networks.log_lrs], "lr": cfg.train.lr_lr}]
-    )
+    optimizer = make_optimizer(networks, cfg)
     run_dir = Path(cfg.train.out_dir)
     state_dir, best_dir = run_dir / "state", run_dir / "best"
     config_yaml = OmegaConf.to_yaml(cfg)
     progress = Progress()
     if resume:
+        check_resumable(state_dir, cfg)
         progress = load_train_state(state_dir, networks, optimizer, device)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 
@@ -31,16 +32,16 @@ def read_jsonl(path) -> list[dict]:
 def plot_training_curves(log_path, png_path) -> Path | None:
     """Plot train and validation curves from a training JSONL log. Returns None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .report import new_figure, save_png
     except ImportError:
-        print("matplotlib is not installed: no training plot (pip install 'mend-editor[plot]')")
+        return None
+    try:
+        fig, axes = new_figure(2, width=5.5, height=4)
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no training plot (pip install 'mend-editor[plot]')")
         return None
     records = read_jsonl(log_path)
     panels = [("loss", ["loss", "edit_loss", "loc_loss"]), ("accuracy", ["edit_acc", "equiv_acc", "loc_agree"])]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, (title, keys) in zip(axes, panels):
         for split, style in (("train", "-"), ("val", "o--")):
             rows = [r for r in records if r.get("split") == split]
@@ -54,8 +55,6 @@ def plot_training_curves(log_path, png_path) -> Path | None:
         if title == "loss":
             axis.set_yscale("log")
         axis.legend(fontsize=7)
-    fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_png(fig, png_path)
     return png_path
