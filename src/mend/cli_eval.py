@@ -41,7 +41,12 @@ def run_eval(args) -> int:
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
         raise ValueError(f"unknown edit method(s) {unknown or names}; valid methods are {', '.join(METHOD_NAMES)}")
-    records = load_records(args.data, args.format, limit=eval_cfg.max_records)
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
+    limit = None if eval_cfg.max_records is None else args.skip + eval_cfg.max_records
+    records = load_records(args.data, args.format, limit=limit)[args.skip :]
+    if not records:
+        raise ValueError(f"no records left in {args.data} after skipping {args.skip}")
     if args.editor:
         model = tokenizer = None
         if args.model:  # evaluate the editor on this model (refused if it was trained for another)
@@ -58,7 +63,7 @@ def run_eval(args) -> int:
     report = evaluate(
         methods, records, model, tokenizer, mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,
         curve_every=eval_cfg.curve_every, max_length=max_length, out_dir=Path(eval_cfg.out_dir), progress=True,
-        meta={"data": str(args.data), "editor_checkpoint": args.editor},
+        meta={"data": str(args.data), "skipped_records": args.skip, "editor_checkpoint": args.editor},
     )
     print(f"wrote {', '.join(str(p) for p in report.files.values())}")
     return 0
