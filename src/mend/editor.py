@@ -73,6 +73,12 @@ def _as_pairs(pairs) -> list[tuple[str, str]]:
     return out
 
 
+def _update_norm(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> float:
+    """||lr * delta~^T u~||_F from the factors alone: sqrt(sum((U U^T) * (D D^T))) is (N, N) work."""
+    gram = (u_t @ u_t.t()) * (delta_t @ delta_t.t())  # (N, N)
+    return float(lr.abs() * gram.sum().clamp(min=0).sqrt())
+
+
 def _fingerprint(weight: torch.Tensor) -> list[float]:
     """[sum, sum of squares] of a weight in float64: tells one base model's matrix from another's."""
     w = weight.detach().double()
@@ -148,15 +154,17 @@ class Editor:
         updates, factors, loss = self.compute_updates(pairs)
         new_weights = self._updated_weights(updates)  # checked in the weights' own dtype before any write
         for name, weight in new_weights.items():
-            if not torch.isfinite(weight).all():
+            # a NaN or inf anywhere makes the float32 sum non-finite: one reduction instead of a mask
+            if not torch.isfinite(weight.sum(dtype=torch.float32)):
                 raise EditFailedError(f"the update for {name} contains NaN or inf, or overflows "
                                       f"{weight.dtype}; the model was not changed")
         changed = [name for name, weight in new_weights.items() if not torch.equal(weight, self._params[name])]
-        del new_weights
         if self._originals is None:
             self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
         try:
-            self._apply(updates)
+            with torch.no_grad():  # W + dW computed once above, the same arithmetic as `_apply`
+                for name, weight in new_weights.items():
+                    self._params[name].copy_(weight)
         except BaseException:
             self._restore(self._applied)
             raise
@@ -164,7 +172,7 @@ class Editor:
             edit_id=next(self._ids),
             pairs=pairs,
             changed=changed,
-            update_norms={name: float(u.norm()) for name, u in updates.items()},
+            update_norms={name: _update_norm(*f) for name, f in factors.items()},
             loss=loss,
             seconds=time.perf_counter() - start,
             _factors=factors,
