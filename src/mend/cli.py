@@ -29,7 +29,7 @@ def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     from .eval_metrics import greedy_continuations
 
     ids = greedy_continuations(model, tokenizer, [prompt], [max_new_tokens])[0]
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())  # one line for display
 
 
 def _edit(args) -> int:
