@@ -48,7 +48,7 @@ def run_demo(args) -> int:
         before = greedy_text(model, tokenizer, record.prompt, 8)
         with editor.edited(record.prompt, record.target) as result:
             after = greedy_text(model, tokenizer, record.prompt, 8)
-            paraphrase = record.rephrases[0] if record.rephrases else record.prompt
+            paraphrase = record.equivalents[0]
             after_paraphrase = greedy_text(model, tokenizer, paraphrase, 8)
             probe = record.locality[0] if record.locality else None
             after_probe = greedy_text(model, tokenizer, probe.prompt, 8) if probe else ""

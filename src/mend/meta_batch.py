@@ -86,7 +86,7 @@ class EditSampler:
     def choose(self, step: int, records: list[EditRecord]):
         """Pick one paraphrase and one locality probe per record, seeded by the step."""
         rng = random.Random(f"{self.seed}-{step}-{self.rank}")
-        equivalents = [rng.choice(r.rephrases) if r.rephrases else r.prompt for r in records]
+        equivalents = [rng.choice(r.rephrases) if r.rephrases else r.prompt for r in records]  # no draw without paraphrases
         localities = []
         for r in records:
             pool = r.locality or self.locality_pool

@@ -138,7 +138,7 @@ def validate(model, networks, tokenizer, records, cfg, device) -> dict:
     weights = 0
     chunks = [records[i : i + n] for i in range(0, len(records), n)]
     for chunk in chunks:
-        equivalents = [r.rephrases[0] if r.rephrases else r.prompt for r in chunk]
+        equivalents = [r.equivalents[0] for r in chunk]
         localities = [r.locality[0] for r in chunk]
         batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
                                  n_edits=cfg.train.n_edits).to(device)

@@ -37,3 +37,9 @@ class EditRecord:
     rephrases: tuple[str, ...] = ()
     locality: tuple[Probe, ...] = ()
     portability: tuple[Probe, ...] = field(default_factory=tuple)
+
+    @property
+    def equivalents(self) -> tuple[str, ...]:
+        """The prompts that should give ``target`` after the edit: the paraphrases, or the edit
+        prompt itself when the record has none."""
+        return self.rephrases or (self.prompt,)
