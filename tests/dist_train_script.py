@@ -38,7 +38,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "model.device=cpu", "train.progress=false", f"train.out_dir={out / 'run'}", "editor.rank=8",
         "editor.init_lr=1.0", "model.edit_last_n_blocks=2", "train.batch_size=2", f"train.max_steps={STEPS}",
         "train.val_every=2", "train.log_every=1", "train.val_records=4", "train.patience=0",
-        "train.lr=1e-2", "train.lr_lr=1e-2", *overrides,
+        "train.lr=1e-2", "train.lr_lr=1e-2", f"train.prefix_cache_dir={out / 'prefix'}", *overrides,
     ])
     result = train(cfg, model=model, tokenizer=tokenizer, records=(records, records[:4]))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

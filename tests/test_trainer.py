@@ -37,7 +37,8 @@ BASE = [
 
 
 def config(out_dir, *overrides):
-    return load_config([*BASE, f"train.out_dir={out_dir}", *overrides])
+    return load_config([*BASE, f"train.out_dir={out_dir}", f"train.prefix_cache_dir={Path(out_dir).parent / 'prefix'}",
+                        *overrides])
 
 
 def run(out_dir, *overrides, resume=False, model=None, tokenizer=None):
@@ -200,6 +201,32 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     assert len(resumed.progress.history) == len(uninterrupted.progress.history) == 2
     for mine, theirs in zip(resumed.progress.history, uninterrupted.progress.history):
         assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+# ---------------------------------------------------------------- the prefix cache
+def test_a_run_from_the_prefix_cache_ends_where_a_full_forward_run_does(tmp_path, capsys):
+    common = ["train.log_every=2", "train.val_every=4", "train.max_steps=8"]
+    model, tokenizer = tiny_model("llama")
+    cached = run(tmp_path / "cached", *common, model=model, tokenizer=tokenizer)
+    printed = capsys.readouterr().out
+    assert "prefix cache: 24 rows" in printed and "built in" in printed and "block 2 and above" in printed
+    full = run(tmp_path / "full", *common, "train.prefix_cache=none", model=model, tokenizer=tokenizer)
+    assert "prefix cache" not in capsys.readouterr().out
+    a = load_file(str(tmp_path / "cached" / "state" / "networks.safetensors"))
+    b = load_file(str(tmp_path / "full" / "state" / "networks.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    for mine, theirs in zip(cached.progress.history, full.progress.history):
+        assert mine == pytest.approx(theirs, abs=1e-4)
+    # a second run reuses the cache file instead of building it again
+    run(tmp_path / "again", *common, model=model, tokenizer=tokenizer)
+    assert "reused" in capsys.readouterr().out
+
+
+def test_edits_with_nothing_below_them_fall_back_to_the_full_forward_and_say_so_once(tmp_path, capsys):
+    run(tmp_path, "train.max_steps=2", "train.val_every=2", "model.edit_last_n_blocks=4")
+    printed = capsys.readouterr().out
+    assert printed.count("prefix cache: not used") == 1
 
 
 # ---------------------------------------------------------------- early stopping

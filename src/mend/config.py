@@ -30,6 +30,15 @@ class Transform(str, Enum):
     delta_only = "delta_only"  # only the output gradients; u passes through
 
 
+class PrefixCacheMode(str, Enum):
+    """Where meta-training keeps the hidden states entering the lowest edited block (`mend.prefix_cache`)."""
+
+    auto = "auto"  # in memory when they fit in half of the available memory, else memory-mapped from disk
+    memory = "memory"  # in memory; a run that would not fit is refused before it starts
+    disk = "disk"  # memory-mapped from the cache file
+    none = "none"  # no cache: every step runs the full model
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local directory
@@ -78,6 +87,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     progress: bool = True
+    prefix_cache: PrefixCacheMode = PrefixCacheMode.auto  # run only the edited blocks from cached states
+    prefix_cache_dtype: str = "float32"  # float32 | bfloat16 | float16 (storage of the cached states)
+    prefix_cache_dir: Optional[str] = None  # default: $MEND_CACHE_DIR/prefix
 
 
 @dataclass
@@ -204,6 +216,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.format must be auto, counterfact, zsre or knowedit, got {cfg.data.format!r}")
     if cfg.data.on_invalid not in ("raise", "skip"):
         raise ConfigError(f"data.on_invalid must be raise or skip, got {cfg.data.on_invalid!r}")
+    if cfg.train.prefix_cache_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"train.prefix_cache_dtype must be float32, bfloat16 or float16, "
+                          f"got {cfg.train.prefix_cache_dtype!r}")
     if cfg.eval.mode not in ("single", "batch", "sequential"):
         raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
 

@@ -16,6 +16,24 @@ import torch
 
 from .batching import TokenBatch, concat_batches, encode_pairs
 from .data.records import EditRecord
+from .prefix_forward import BlockOutput
+
+
+@dataclass
+class PrefixStates:
+    """Cached hidden states entering block ``start`` for a step's rows (`mend.prefix_cache`).
+
+    Attributes:
+        pre: (B_pre, T_pre, d) for the rows of ``MetaBatch.pre``; post: (B_post, T_post, d) for ``post``.
+    """
+
+    start: int
+    block_output: BlockOutput
+    pre: torch.Tensor
+    post: torch.Tensor
+
+    def to(self, device) -> "PrefixStates":
+        return PrefixStates(self.start, self.block_output, self.pre.to(device), self.post.to(device))
 
 
 @dataclass
@@ -30,6 +48,7 @@ class MetaBatch:
             their record, so ``pre`` rows have groups ``[groups, groups]`` and ``post`` rows
             ``[groups, groups, groups]``.
         n_groups: number of independent edits.
+        prefix: the rows' cached hidden states, when meta-training starts at the lowest edited block.
     """
 
     pre: TokenBatch
@@ -39,10 +58,12 @@ class MetaBatch:
     n_loc: int
     groups: torch.Tensor
     n_groups: int
+    prefix: PrefixStates | None = None
 
     def to(self, device) -> "MetaBatch":
         return MetaBatch(self.pre.to(device), self.post.to(device), self.n_edit, self.n_equiv, self.n_loc,
-                         self.groups.to(device), self.n_groups)
+                         self.groups.to(device), self.n_groups,
+                         self.prefix.to(device) if self.prefix is not None else None)
 
     @property
     def pre_groups(self) -> torch.Tensor:
@@ -97,9 +118,10 @@ class EditSampler:
 
 
 def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str], localities, *, max_length: int,
-                     n_edits: int = 1) -> MetaBatch:
+                     n_edits: int = 1, prefix_cache=None) -> MetaBatch:
     """Encode one step's records into pre-edit and post-edit batches; consecutive runs of ``n_edits``
-    records form one edit."""
+    records form one edit. With a `mend.prefix_cache.PrefixCache`, the rows' cached hidden states
+    come along (`MetaBatch.prefix`)."""
     targets = [r.target for r in records]
     edit = encode_pairs(tokenizer, [r.prompt for r in records], targets, max_length=max_length, padding_side="right")
     equiv = encode_pairs(tokenizer, equivalents, targets, max_length=max_length, padding_side="right")
@@ -111,7 +133,11 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
     pre = concat_batches([edit, loc], pad_id)
     post = concat_batches([edit, equiv, loc], pad_id)
     groups = torch.arange(len(records)) // n_edits
-    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1)
+    prefix = None
+    if prefix_cache is not None:
+        prefix = PrefixStates(prefix_cache.start, prefix_cache.block_output, prefix_cache.gather(pre),
+                              prefix_cache.gather(post))
+    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix)
 
 
 def token_kinds(batch: TokenBatch, counts: list[int]) -> torch.Tensor:

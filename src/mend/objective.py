@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from .capture import capture_rank1
 from .grouped_edit import grouped_edits, pad_by_group
 from .meta_batch import MetaBatch, token_kinds
 from .networks import MendNetworks
+from .prefix_forward import starting_at_block
 from .scoring import autocast_for, kl_to_reference, mean_nll, target_logits, token_hits
 from .targets import to_storage
 
@@ -51,16 +53,26 @@ def group_edits(networks: MendNetworks, capture, groups_of_rows: torch.Tensor, n
     }
 
 
+def _from_prefix(model, batch: MetaBatch, which: str):
+    """Run only the blocks from the cached prefix on (``which`` is "pre" or "post"), when the batch has one."""
+    if batch.prefix is None:
+        return contextlib.nullcontext()
+    return starting_at_block(model, batch.prefix.start, getattr(batch.prefix, which), batch.prefix.block_output)
+
+
 def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float,
                    bf16: bool = False) -> StepOutput:
     """Loss and metrics of one batch of independent edits; backward through it trains the editor."""
     device = batch.pre.input_ids.device
-    capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), batch.pre_groups, bf16=bf16)
+    with _from_prefix(model, batch, "pre"):
+        capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), batch.pre_groups,
+                                bf16=bf16)
     pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
     pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
 
     edits = group_edits(networks, capture, batch.pre_groups, batch.n_groups)
-    with grouped_edits(model, networks.targets, edits, batch.post_groups), autocast_for(device, bf16):
+    with grouped_edits(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
+            autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit
     kinds = token_kinds(batch.post, [batch.n_edit, batch.n_equiv, batch.n_loc])
     target_ids = batch.post.target_ids

@@ -98,13 +98,16 @@ def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
     )
 
 
-def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1):
-    """One meta-training step; returns its `StepOutput` and whether the update was applied."""
-    # 1. data: this step's records, one paraphrase and one locality probe each
+def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1,
+                  prefix_cache=None):
+    """One meta-training step; returns its `StepOutput` and whether the update was applied.
+
+    With a `mend.prefix_cache.PrefixCache` the step runs only the blocks from the lowest edited one on."""
+    # 1. data: this step's records, one paraphrase and one locality probe each (and their cached states)
     chosen = sampler.records_for_step(step)
     equivalents, localities = sampler.choose(step, chosen)
     batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
-                             n_edits=cfg.train.n_edits).to(device)
+                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
     out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
                          bf16=cfg.train.bf16)
@@ -128,7 +131,7 @@ def validation_score(metrics: dict) -> float:
 
 
 @torch.no_grad()
-def validate(model, networks, tokenizer, records, cfg, device) -> dict:
+def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None) -> dict:
     """Edit success, paraphrase success, locality agreement and losses over validation records
     (edits of n_edits facts, batch_size edits per forward), with the editor's statistics frozen."""
     was_training = networks.training
@@ -141,7 +144,7 @@ def validate(model, networks, tokenizer, records, cfg, device) -> dict:
         equivalents = [r.equivalents[0] for r in chunk]
         localities = [r.locality[0] for r in chunk]
         batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
-                                 n_edits=cfg.train.n_edits).to(device)
+                                 n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
         out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
                          bf16=cfg.train.bf16)
         for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
@@ -168,6 +171,33 @@ def _load_data(cfg):
     if not val:
         raise ValueError(f"no validation record with a locality probe in {cfg.data.val_path}")
     return train, val
+
+
+def open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg, *, is_main=True, wait=None,
+                      data_files=(), say=print):
+    """The run's `PrefixCache` (built on the main process, loaded by all), or None when the run uses the
+    full forward: ``train.prefix_cache=none``, or an edited matrix with no blocks below it to skip."""
+    from .config import PrefixCacheMode
+    from .models import cache_dir
+    from .prefix_cache import PrefixCache, file_hash, training_rows
+    from .prefix_forward import lowest_edited_block
+
+    if cfg.train.prefix_cache == "none":
+        return None
+    start = lowest_edited_block(targets)
+    if start is None:
+        say("prefix cache: not used (an edited matrix is in block 0 or outside the transformer blocks); "
+            "every step runs the full model")
+        return None
+    directory = Path(cfg.train.prefix_cache_dir) if cfg.train.prefix_cache_dir else cache_dir() / "prefix"
+    cache = PrefixCache.build_or_load(
+        model, tokenizer, training_rows(train_records, validation_records=val_records), start=start,
+        max_length=cfg.model.max_length, dtype=cfg.train.prefix_cache_dtype, placement=PrefixCacheMode(cfg.train.prefix_cache).value,
+        directory=directory, data_hashes=[file_hash(f) for f in data_files if Path(f).is_file()],
+        build_here=is_main, wait=wait,
+    )
+    say(f"{cache.info.describe()}; steps run block {start} and above only")
+    return cache
 
 
 def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None) -> TrainResult:
@@ -197,6 +227,10 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     train_records, val_records = records if records is not None else _load_data(cfg)
 
     targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
+    data_files = (cfg.data.train_path, cfg.data.val_path) if records is None else ()
+    prefix_cache = open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg, is_main=is_main,
+                                     wait=accelerator.wait_for_everyone, data_files=data_files,
+                                     say=print if is_main else (lambda text: None))
     networks = MendNetworks(targets, cfg.editor).to(device)
     optimizer = make_optimizer(networks, cfg)
     run_dir = Path(cfg.train.out_dir)
@@ -240,7 +274,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     first_step = progress.step
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
-                                    accelerator.num_processes)
+                                    accelerator.num_processes, prefix_cache)
         if not finite:
             progress.skipped_steps += 1
         progress.step += 1
@@ -262,7 +296,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
             bar.update(1)
         # 5. validate, keep the best, stop early when patience runs out
         if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps:
-            metrics = validate(model, networks, tokenizer, val_records, cfg, device)
+            metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache)
             checkpoint(metrics)
             if log is not None:
                 log.write({"split": "val", "step": progress.step, **metrics})
