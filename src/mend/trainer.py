@@ -55,7 +55,7 @@ def broadcast_buffers(networks) -> None:
 
 # keys that may change between a run and its resumption; any other change is a different run
 RESUMABLE_CHANGES = {"train.max_steps", "train.patience", "train.progress", "train.val_every", "train.log_every",
-                     "model.device"}
+                     "model.device", "train.prefix_cache", "train.prefix_cache_dir"}
 
 
 def check_resumable(state_dir: Path, cfg) -> None:
