@@ -230,7 +230,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     data_files = (cfg.data.train_path, cfg.data.val_path) if records is None else ()
     prefix_cache = open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg, is_main=is_main,
                                      wait=accelerator.wait_for_everyone, data_files=data_files,
-                                     say=print if is_main else (lambda text: None))
+                                     say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
     networks = MendNetworks(targets, cfg.editor).to(device)
     optimizer = make_optimizer(networks, cfg)
     run_dir = Path(cfg.train.out_dir)
