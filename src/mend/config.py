@@ -131,9 +131,12 @@ def _merge(base: DictConfig, other, source: str) -> DictConfig:
 
 def _load(path) -> DictConfig:
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got a {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=None) -> DictConfig:
