@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--data FILE] [--steps 20] [--batch-sizes 1,10] [overrides ...]
 
 Times the training step only (data encoding, capture pass, editor, edited forward, backward, Adam
-step), after warm-up steps, with the editor config of configs/default.yaml unless overridden
+step), after warm-up steps, with the default editor config (src/mend/config.py) unless overridden
 (e.g. ``editor=cpu``). Never run it while another CPU-heavy job runs: two such processes slow
 each other down many times over.
 """
