@@ -5,8 +5,8 @@ prefix cache, in one run.
 
 Builds the prefix cache for every row of ``--data`` (timed: that is what a training run builds), then
 times the training step (data encoding and gathering, capture pass, editor, edited forward, backward,
-Adam) after warm-up steps, first on the full forward and then from the cache, with the editor config
-of configs/default.yaml unless overridden (e.g. ``editor=cpu``). The last line reads
+Adam) after warm-up steps, first on the full forward and then from the cache, with the default editor
+config (src/mend/config.py) unless overridden (e.g. ``editor=cpu``). The last line reads
 
     train speed: uncached X s/example, cached Y s/example, speedup Zx, cache build B s for N rows
 

@@ -8,7 +8,7 @@ import torch
 from mend import EditInputError
 from mend.batching import concat_batches, encode_pairs, target_text
 from mend.scoring import target_logits
-from tiny_models import CharTokenizer
+from tiny_models import CharTokenizer, tiny_hf_tokenizer
 
 PROMPTS = ["The Eiffel Tower is in", "Hi", "Water boils at "]
 TARGETS = ["Rome", "there, friend", "100 degrees"]
@@ -19,11 +19,11 @@ def ids(text):
     return [3 + b for b in text.encode("utf-8")]
 
 
-class NoTargetTokens(CharTokenizer):
-    """A tokenizer for which a target (encoded without special tokens) yields no ids at all."""
+class OnlyAscii(CharTokenizer):
+    """A tokenizer with no tokens for spaces or non-ASCII characters: it drops them."""
 
     def __call__(self, text, add_special_tokens=True, **kwargs):
-        return {"input_ids": super().__call__(text)["input_ids"] if add_special_tokens else []}
+        return super().__call__("".join(c for c in text if c.isascii() and not c.isspace()))
 
 
 # ---------------------------------------------------------------- layout of a batch
@@ -148,9 +148,62 @@ def test_bad_text_is_refused(prompts, targets, match):
         encode_pairs(CharTokenizer(), prompts, targets)
 
 
-def test_a_target_that_tokenises_to_nothing_is_refused():
-    with pytest.raises(EditInputError, match="tokenises to nothing"):
-        encode_pairs(NoTargetTokens(), ["The Eiffel Tower is in"], ["Rome"])
+def test_a_target_or_prompt_that_tokenises_to_nothing_is_refused():
+    with pytest.raises(EditInputError, match="target '\u2603\u2603' tokenises to nothing"):
+        encode_pairs(OnlyAscii(), ["The Eiffel Tower is in"], ["\u2603\u2603"])
+    with pytest.raises(EditInputError, match="prompt '\u2603' tokenises to nothing before the target"):
+        encode_pairs(OnlyAscii(), ["\u2603"], ["Rome"])
+
+
+# ---------------------------------------------------------------- real tokenizers at the boundary
+STYLES = ["byte_level", "metaspace", "sentencepiece"]
+JOINED = [("The sky is", "green"), ("Paris is the capital of", "Rome"), ("Water boils at ", "ten"),
+          ("Bees make", " glue"), ("Q: The capital of France is", "Paris."), ("Number 2 is", "even")]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_prompt_and_target_tokenise_the_way_the_joined_text_does(style):
+    tokenizer = tiny_hf_tokenizer(style)
+    prompts, targets = (list(column) for column in zip(*JOINED))
+    batch = encode_pairs(tokenizer, prompts, targets, padding_side="right")
+    for i, (prompt, target) in enumerate(JOINED):
+        row = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+        assert row == tokenizer(prompt + target_text(prompt, target))["input_ids"]
+        target_ids = batch.input_ids[i][batch.target_mask[i]].tolist()
+        assert target_ids and tokenizer.decode(target_ids).strip() == target.strip()
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        assert row[: len(row) - len(target_ids)] == prompt_ids[: len(row) - len(target_ids)]
+
+
+def test_a_sentencepiece_target_tokenised_alone_would_get_a_stray_space_token():
+    """Why pairs are tokenised joined: Llama-2-style tokenizers prepend "\u2581" to every text."""
+    tokenizer = tiny_hf_tokenizer("sentencepiece")
+    batch = encode_pairs(tokenizer, ["The sky is"], ["green"])
+    in_context = batch.input_ids[batch.target_mask].tolist()
+    alone = tokenizer(" green", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(alone)[0] == "\u2581" and alone[1:] == in_context
+
+
+def test_a_prompt_ending_in_a_space_gives_that_space_to_the_target():
+    tokenizer = tiny_hf_tokenizer("byte_level")
+    batch = encode_pairs(tokenizer, ["Water boils at "], ["ten"])
+    target_ids = batch.input_ids[batch.target_mask].tolist()
+    assert tokenizer.decode(target_ids) == " ten"  # one token "\u0120ten", not "\u0120" + "ten"
+    assert len(target_ids) == len(tokenizer(" ten")["input_ids"])
+
+
+def test_special_tokens_appended_to_every_text_are_not_targets():
+    from tokenizers import processors
+
+    tokenizer = tiny_hf_tokenizer("metaspace")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
+    assert tokenizer("The sky is")["input_ids"][-1] == eos
+    batch = encode_pairs(tokenizer, ["The sky is"], ["green"])
+    row = batch.input_ids[0].tolist()
+    assert eos not in row and row[0] == bos
+    assert tokenizer.decode(batch.input_ids[batch.target_mask].tolist()).strip() == "green"
 
 
 def test_a_pair_over_max_length_is_refused():

@@ -264,3 +264,81 @@ def test_low_level_readers_raise_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not valid YAML"):
         load_yaml(tmp_path / "bad.yaml")
     assert issubclass(CheckpointError, ValueError)
+
+
+# ---------------------------------------------------------------- a save killed midway
+KILL_SCRIPT = Path(__file__).resolve().parent / "kill_during_save_script.py"
+
+
+def _kill_midway(kind: str, point: str, directory: Path) -> None:
+    """Run kill_during_save_script.py until it stops in the middle of its save, then SIGKILL it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(mend.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(KILL_SCRIPT), kind, point, str(directory)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (directory / "ready").exists():
+            if child.poll() is not None:
+                pytest.fail(f"the child exited with {child.returncode} before stopping:\n{child.stdout.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the child never reached the point to kill it at")
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+
+
+@pytest.mark.parametrize("point", ["writing", "swapping"])
+def test_an_editor_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, point):
+    editor = Editor.untrained(*tiny_model("llama"), {"editor": {"rank": 4}})
+    editor.save(tmp_path / "ckpt")
+    saved_meta = (tmp_path / "ckpt" / "editor.yaml").read_text()
+    _kill_midway("editor", point, tmp_path)
+    loaded = Editor.load(tmp_path / "ckpt", *tiny_model("llama"))
+    assert (tmp_path / "ckpt" / "editor.yaml").read_text() == saved_meta
+    expected = editor.networks.state_dict()
+    for name, tensor in loaded.networks.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("point", ["writing", "swapping"])
+def test_a_training_state_save_killed_midway_leaves_the_previous_state(tmp_path, point):
+    from mend.train_state import Progress, load_train_state, save_train_state
+
+    networks = Editor.untrained(*tiny_model("llama"), {"editor": {"rank": 4}}).networks
+    optimizer = torch.optim.Adam(networks.parameters(), lr=0.1)
+    sum(p.square().sum() for p in networks.parameters()).backward()
+    optimizer.step()  # moment estimates to save
+    progress = Progress(step=3, best_score=0.5, best_step=3, history=[{"step": 3, "score": 0.5}])
+    save_train_state(tmp_path / "state", networks, optimizer, progress, "train: {max_steps: 3}\n")
+    _kill_midway("train_state", point, tmp_path)
+
+    fresh = Editor.untrained(*tiny_model("llama"), {"editor": {"rank": 4}}).networks
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    assert load_train_state(tmp_path / "state", fresh, fresh_optimizer) == progress
+    assert (tmp_path / "state" / "config.yaml").read_text() == "train: {max_steps: 3}\n"
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, networks.state_dict()[name]), name
+    for mine, theirs in zip(fresh_optimizer.state.values(), optimizer.state.values()):
+        assert all(torch.equal(mine[key], theirs[key]) for key in ("exp_avg", "exp_avg_sq")), "optimizer state"
+
+
+def test_writes_are_fsynced_file_then_directory(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(mend.checkpoint, "fsync_file", lambda path: synced.append(("file", Path(path).name)))
+    monkeypatch.setattr(mend.checkpoint, "fsync_dir", lambda path: synced.append(("dir", Path(path).name)))
+    atomic_write_file(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    assert synced[0][0] == "file" and synced[0][1].startswith(".a.txt.") and synced[1] == ("dir", tmp_path.name)
+    synced.clear()
+    mend.checkpoint.atomic_write_dir(tmp_path / "d", lambda staging: (Path(staging) / "f").write_text("y"))
+    assert ("file", "f") in synced and synced[-1] == ("dir", tmp_path.name)

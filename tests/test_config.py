@@ -42,6 +42,15 @@ def test_every_yaml_in_configs_loads(path):
             assert got == value, f"{relative}: {section}.{key} is {got!r}, the file says {value!r}"
 
 
+def test_the_schema_is_the_one_place_for_defaults():
+    """configs/default.yaml sets no value, so a run with no options, `Editor.untrained` and
+    `Editor.load` (which start from the schema) all get the same defaults."""
+    assert not (yaml.safe_load((REPO_CONFIGS / "default.yaml").read_text()) or {})
+    assert load_config(config_dir=REPO_CONFIGS) == OmegaConf.structured(MendConfig)
+    schema = OmegaConf.structured(MendConfig)
+    assert (schema.editor.rank, schema.editor.init_lr, schema.model.max_length) == (512, 0.05, 96)
+
+
 def test_the_default_config_dir_is_the_repositorys(monkeypatch):
     monkeypatch.delenv("MEND_CONFIG_DIR", raising=False)
     assert default_config_dir() == REPO_CONFIGS

@@ -194,6 +194,31 @@ def test_reverting_an_edit_that_is_not_applied_is_refused(unchanged):
     state()
 
 
+def test_two_identical_edits_are_two_results_reverted_one_at_a_time(unchanged):
+    """Results compare by identity: the same fact edited twice gives two distinguishable results,
+    and a copy of a result is not an applied edit."""
+    import copy
+
+    editor = untrained("llama", init_lr=STEP)
+    params = dict(editor.model.named_parameters())
+    original = weights(editor)
+    everything = unchanged(editor.model)
+    first = editor.edit(PROMPT, TARGET)
+    second_update, _, _ = editor.compute_updates([(PROMPT, TARGET)])  # what the second edit will add
+    second = editor.edit(PROMPT, TARGET)
+    assert first != second and first == first and len({first, second}) == 2
+    with pytest.raises(ValueError, match="not applied"):
+        editor.revert(copy.copy(second))
+    editor.revert(first)
+    assert editor.applied == [second] and editor.applied[0] is second
+    for target in editor.targets:  # the originals plus the second edit's update alone
+        want = original[target.name] + to_storage(second_update[target.name], target)
+        assert torch.equal(params[target.name], want), target.name
+    editor.revert(second)
+    assert editor.applied == []
+    everything()
+
+
 # ---------------------------------------------------------------- temporary edits
 def test_edited_applies_inside_the_block_and_restores_after(unchanged):
     editor = untrained("llama")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mend.config import Transform
-from mend.networks import EditorNetwork, MendNetworks, RunningNorm
+from mend.networks import EditorNetwork, MendNetworks, RunningNorm, merge_moments
 from mend.targets import EditTarget
 
 # Three matrices: two of shape 4 -> 6 (sharing a network by default) and one 6 -> 4.
@@ -185,6 +185,70 @@ def test_shared_networks_see_the_rows_of_every_matrix_of_their_shape():
     expected = torch.cat([inputs[TARGETS[0].name][0], inputs[TARGETS[2].name][0]]).double()
     assert float(shared.u_norm.count) == 10
     torch.testing.assert_close(shared.u_norm.mean, expected.mean(0))
+
+
+def moments(rows: torch.Tensor):
+    """(count, mean, M2) of ``rows`` (N, d), computed directly in float64."""
+    rows = rows.double()
+    mean = rows.mean(0) if len(rows) else torch.zeros(rows.shape[1], dtype=torch.float64)
+    return torch.tensor(float(len(rows)), dtype=torch.float64), mean, ((rows - mean) ** 2).sum(0)
+
+
+@pytest.mark.parametrize("n_a, n_b", [(5, 9), (1, 1), (0, 4), (4, 0), (0, 0)])
+def test_merge_moments_of_two_sets_are_the_moments_of_their_union(n_a, n_b):
+    a, b = torch.randn(n_a, 3) * 2 + 1, torch.randn(n_b, 3) * 0.5 - 3
+    merged = merge_moments(*moments(a), *moments(b))
+    for got, want in zip(merged, moments(torch.cat([a, b]))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fresh_statistics_count_the_rows_since_the_last_merge_and_are_not_saved():
+    norm = RunningNorm(3)
+    rows = torch.randn(6, 3)
+    norm.update(rows)
+    for got, want in zip((norm.fresh_count, norm.fresh_mean, norm.fresh_m2), moments(rows)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert sorted(norm.state_dict()) == ["count", "m2", "mean"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with the gloo backend")
+def test_two_processes_merge_statistics_like_one_process_that_saw_all_rows(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tests = Path(__file__).resolve().parent
+    sys.path.insert(0, str(tests))
+    from dist_stats_script import DIMS, STEPS, rows_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__import__("mend").__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), str(tests / "dist_stats_script.py"),
+               str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:  # the same arithmetic on the same numbers in both processes
+        assert torch.equal(rank0[key], rank1[key]), key
+    for name, d in DIMS.items():
+        everything = torch.cat([rows_for(step, rank, name) for step in range(STEPS) for rank in (0, 1)])
+        alone = RunningNorm(d)
+        alone.update(everything)
+        for buffer, want in zip(("count", "mean", "m2"), moments(everything)):
+            torch.testing.assert_close(rank0[f"{name}.{buffer}"], want, rtol=1e-12, atol=1e-10)
+            torch.testing.assert_close(rank0[f"{name}.{buffer}"], getattr(alone, buffer), rtol=1e-12, atol=1e-10)
+        assert float(rank0[f"{name}.fresh_count"]) == 0 and not rank0[f"{name}.fresh_m2"].any()
 
 
 def test_statistics_are_buffers_saved_in_the_state_dict():

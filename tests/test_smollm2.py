@@ -4,6 +4,7 @@ wheel as a GGUF, dequantised once into a safetensors cache). The model is loaded
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,25 @@ def test_an_edit_lowers_the_target_nll(smollm2):
     assert result.loss == pytest.approx(nll_before, rel=1e-4)
     assert nll_after < nll_before / 2, (nll_before, nll_after)
     assert target_nll(model, tokenizer, PROMPT, TARGET) == nll_before  # reverted
+
+
+FACTS = [("The Eiffel Tower is located in the city of", "Rome"), ("The capital of Mongolia is", "Tokyo"),
+         ("The mother tongue of Danielle Darrieux is", "English")]
+
+
+def test_the_readme_untrained_editor_moves_the_default_model(smollm2):
+    """``Editor.untrained(model, tokenizer)`` with the schema's defaults (no config): one edit at least
+    doubles the target's probability on each of three facts (lowers its NLL by more than ln 2)."""
+    model, tokenizer = smollm2
+    editor = mend.Editor.untrained(model, tokenizer)
+    gains = []
+    for prompt, target in FACTS:
+        before = target_nll(model, tokenizer, prompt, target)
+        with editor.edited(prompt, target):
+            after = target_nll(model, tokenizer, prompt, target)
+        gains.append(before - after)
+    print(f"NLL lowered by {[round(g, 2) for g in gains]} nats")
+    assert min(gains) > math.log(2), gains
 
 
 def test_a_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):

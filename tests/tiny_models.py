@@ -88,6 +88,52 @@ TOKENIZER_CORPUS = [prompt + " " + target for prompt, target in FACTS] + [
 ]
 
 
+def tiny_hf_tokenizer(style: str = "byte_level"):
+    """A real fast tokenizer (``PreTrainedTokenizerFast``) trained in-process on ``TOKENIZER_CORPUS``.
+
+    Styles:
+        "byte_level": GPT-2's scheme, a byte-level BPE whose tokens carry their leading space ("Ġ");
+            any text encodes; no BOS.
+        "metaspace": SentencePiece's scheme as a Metaspace pre-tokenizer (spaces become "▁", one "▁"
+            in front of the text unless it starts with a space; pieces never span words), a BPE over
+            characters, and a BOS in front of every text.
+        "sentencepiece": Llama-2's and Mistral's tokenizer.json: the same, with the "▁" prepended by a
+            normaliser, which prepends it even to a text that starts with a space (" green" becomes
+            "▁▁green").
+    """
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    space = "\u2581"
+    if style == "byte_level":
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+        return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
+                                          bos_token="<bos>")
+    if style not in ("metaspace", "sentencepiece"):
+        raise ValueError(f"tiny_hf_tokenizer styles: 'byte_level', 'metaspace', 'sentencepiece'; got {style!r}")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "metaspace":
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=True)
+        bpe.decoder = decoders.Metaspace(replacement=space, prepend_scheme="first", split=True)
+    else:
+        bpe.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+        bpe.pre_tokenizer = pre_tokenizers.Split(space, behavior="merged_with_next")  # pieces within words
+        bpe.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.Strip(" ", 1, 0)])
+    alphabet = sorted(set("".join(TOKENIZER_CORPUS).replace(" ", space)) | {space})
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bpe.token_to_id("<bos>"))])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                      unk_token="<unk>")
+
+
 def save_tiny_hf_model(path, family: str = "llama", seed: int = 0):
     """Save a tiny ``family`` ('llama' or 'gpt2') causal LM and a real fast tokenizer to ``path`` in
     Hugging Face format, so ``mend.load_base_model(str(path))`` and ``mend train model.name=PATH`` load it.
@@ -99,17 +145,9 @@ def save_tiny_hf_model(path, family: str = "llama", seed: int = 0):
     from pathlib import Path
 
     import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     path = Path(path)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
-                                           bos_token="<bos>")
+    tokenizer = tiny_hf_tokenizer("byte_level")
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(seed)

@@ -21,9 +21,9 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .batching import encode_pairs
+from .batching import check_pairs, encode_pairs
 from .config import ConfigError, EvalConfig
-from .editor import EditFailedError, Editor, _as_pairs
+from .editor import EditFailedError, Editor
 from .scoring import autocast_for, mean_nll, target_logits
 from .targets import EditTarget, resolve_targets
 
@@ -55,7 +55,7 @@ class NoEdit(EditMethod):
     name = "none"
 
     def apply(self, pairs) -> None:
-        _as_pairs(pairs)  # same input checks as the other methods
+        check_pairs(pairs)  # same input checks as the other methods
 
     def revert(self) -> None:
         pass
@@ -120,7 +120,7 @@ class FineTune(EditMethod):
                 "targets": [t.name for t in self.targets]}
 
     def apply(self, pairs) -> None:
-        prompts, answers = zip(*_as_pairs(pairs))
+        prompts, answers = zip(*check_pairs(pairs))
         device = next(self.model.parameters()).device
         batch = encode_pairs(self.tokenizer, list(prompts), list(answers), max_length=self.max_length).to(device)
         names = [t.name for t in self.targets]

@@ -1,12 +1,15 @@
 """Turning (prompt, target) text pairs into padded token batches with target masks.
 
-The prompt and the target are tokenised separately and concatenated, so the target's tokens are
-exactly the tokens the loss is taken on, whatever the tokenizer does at the boundary. Position ids
-are computed from the attention mask, so left- and right-padded batches give identical logits.
+A pair is tokenised as one text, ``prompt + " " + target``, so its tokens are the tokenizer's own
+tokens for the whole sentence (tokenising `` target`` on its own would give a SentencePiece-style
+tokenizer a stray "▁" token), and then split where its ids leave the prompt's: the target's tokens
+are exactly the tokens the loss is taken on. Position ids are computed from the attention mask, so
+left- and right-padded batches give identical logits.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +69,39 @@ class TokenBatch:
 
 
 def check_text(value, what: str) -> str:
-    """Return ``value`` if it is a non-blank string, else raise EditInputError naming ``what``."""
+    """Return ``value`` if it is a non-blank string without control characters, else raise
+    EditInputError naming ``what``. Whitespace (tab, newline, ...) is not a control character here."""
     if not isinstance(value, str):
         raise EditInputError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
     if not value.strip():
         raise EditInputError(f"{what} is empty or only whitespace: {value!r}")
+    for position, char in enumerate(value):
+        if unicodedata.category(char) == "Cc" and not char.isspace():
+            raise EditInputError(f"{what} contains the control character {char!r} at position {position}: {value!r}")
     return value
+
+
+def check_pairs(pairs) -> list[tuple[str, str]]:
+    """The one input check of an edit request: ``pairs`` as a list of (prompt, target) string tuples.
+
+    Accepts any iterable of 2-tuples, 2-lists or ``{"prompt": ..., "target": ...}`` mappings.
+
+    Raises:
+        EditInputError: not an iterable of pairs, an empty one, a pair of the wrong length, or text
+            that `check_text` refuses; the message names the pair by its index.
+    """
+    if isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
+        raise EditInputError(f"pairs must be a list of (prompt, target) tuples, got {type(pairs).__name__}: {pairs!r}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, dict):
+            pair = (pair.get("prompt"), pair.get("target"))
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise EditInputError(f"pair #{i} must be a (prompt, target) tuple, got {pair!r}")
+        out.append((check_text(pair[0], f"prompt #{i}"), check_text(pair[1], f"target #{i}")))
+    if not out:
+        raise EditInputError("no (prompt, target) pairs were given")
+    return out
 
 
 def target_text(prompt: str, target: str) -> str:
@@ -79,6 +109,34 @@ def target_text(prompt: str, target: str) -> str:
     if prompt[-1:].isspace() or target[:1].isspace():
         return target
     return " " + target
+
+
+def split_tokens(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """The ids of the joined text ``prompt + target_text(prompt, target)``, split into (prompt part,
+    target part).
+
+    The target part starts at the first token where the joined ids differ from the prompt's own ids,
+    so a token that spans the boundary (a prompt's trailing space merged into the target's first word)
+    belongs to the target. Special tokens a tokenizer appends at the end of every text (an EOS) are
+    dropped: the loss is on the target's own tokens.
+    """
+    prompt_ids = _without_trailing_specials(tokenizer, tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    joined = prompt + target_text(prompt, target)
+    joined_ids = _without_trailing_specials(tokenizer, tokenizer(joined, add_special_tokens=True)["input_ids"])
+    shared = 0
+    for a, b in zip(prompt_ids, joined_ids):
+        if a != b:
+            break
+        shared += 1
+    return joined_ids[:shared], joined_ids[shared:]
+
+
+def _without_trailing_specials(tokenizer, ids) -> list[int]:
+    ids = list(ids)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    while ids and ids[-1] in special:
+        ids.pop()
+    return ids
 
 
 def encode_pairs(tokenizer, prompts, targets, *, max_length: int = 128, padding_side=None, what=("prompt", "target")) -> TokenBatch:
@@ -99,12 +157,11 @@ def encode_pairs(tokenizer, prompts, targets, *, max_length: int = 128, padding_
         suffix = f" #{i}" if len(prompts) > 1 else ""
         check_text(prompt, what[0] + suffix)
         check_text(target, what[1] + suffix)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        target_ids = tokenizer(target_text(prompt, target), add_special_tokens=False)["input_ids"]
+        prompt_ids, target_ids = split_tokens(tokenizer, prompt, target)
         if len(target_ids) == 0:
             raise EditInputError(f"{what[1]}{suffix} {target!r} tokenises to nothing")
         if len(prompt_ids) == 0:
-            raise EditInputError(f"{what[0]}{suffix} {prompt!r} tokenises to nothing")
+            raise EditInputError(f"{what[0]}{suffix} {prompt!r} tokenises to nothing before the {what[1]}")
         if len(prompt_ids) + len(target_ids) > max_length:
             raise EditInputError(
                 f"{what[0]} + {what[1]}{suffix} is {len(prompt_ids) + len(target_ids)} tokens, over the limit of "

@@ -16,15 +16,42 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, malformed, or belongs to another base model."""
 
 
+def fsync_file(path) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path) -> None:
+    """Flush a directory's entries (creations, renames) to the disk; a no-op where directories
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_file(path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` (same directory)."""
+    """Call ``write(tmp_path)``, fsync the file, rename it over ``path`` (same directory) and fsync the
+    directory: after a crash ``path`` holds either the old or the complete new contents."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -32,9 +59,12 @@ def atomic_write_file(path, write) -> None:
 
 
 def atomic_write_dir(path, write) -> None:
-    """Call ``write(staging_dir)`` then swap the staging directory in place of ``path``.
+    """Call ``write(staging_dir)``, fsync what it wrote, then swap the staging directory in place of
+    ``path`` and fsync the parent directory.
 
-    A reader sees either the old directory or the complete new one, never a half-written mix.
+    A reader sees either the old directory or the complete new one, never a half-written mix; a
+    process killed between the two renames leaves the old one set aside, which `recover_dir` puts
+    back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +72,15 @@ def atomic_write_dir(path, write) -> None:
     old = None
     try:
         write(staging)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        fsync_dir(staging)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(staging, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None and not path.exists():

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_edit)
 
     p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability",
-                       description="Flags default to the eval section of configs/default.yaml; any eval key can "
+                       description="Flags default to the eval section of the config (src/mend/config.py, then "
+                                   "configs/default.yaml); any eval key can "
                                    "also be given as an override, e.g. eval.ft_steps=20 eval.ftl_norm=1e-3.")
     p.add_argument("--editor", help="editor checkpoint directory (needed for the mend method)")
     p.add_argument("--model", help="base model (default: the editor's, or smollm2-135m without --editor)")

@@ -22,39 +22,95 @@ from .config import Transform, editor_config
 from .targets import EditTarget
 
 
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """The (count, mean, M2) of the union of two sets of rows from each set's own (Chan et al. 1979).
+
+    count: () float64; mean, m2: (d,) float64, M2 being the sum of squared deviations from the mean.
+    Either set may be empty (count 0); nothing here waits for the device.
+    """
+    total = count_a + count_b
+    share_b = torch.where(total > 0, count_b / total.clamp(min=1), torch.zeros_like(total))  # n_b / n
+    diff = mean_b - mean_a  # (d,)
+    mean = mean_a + diff * share_b
+    m2 = m2_a + m2_b + diff**2 * (count_a * share_b)  # + diff^2 n_a n_b / n
+    return total, mean, m2
+
+
 class RunningNorm(nn.Module):
     """Running mean and standard deviation of row vectors, merged exactly batch by batch.
 
-    Buffers (saved with the editor): ``count`` (scalar), ``mean`` (d,), ``m2`` (d,) sum of squared
-    deviations. Updated only while the owner is training; frozen at edit time.
+    Buffers saved with the editor: ``count`` (scalar), ``mean`` (d,), ``m2`` (d,) sum of squared
+    deviations. Buffers not saved: ``fresh_count``, ``fresh_mean``, ``fresh_m2``, the statistics of
+    the rows seen since `merge_across_processes` last ran (data-parallel training). Updated only while
+    the owner is training; frozen at edit time.
     """
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
+        for prefix, persistent in (("", True), ("fresh_", False)):
+            self.register_buffer(prefix + "count", torch.zeros((), dtype=torch.float64), persistent=persistent)
+            self.register_buffer(prefix + "mean", torch.zeros(dim, dtype=torch.float64), persistent=persistent)
+            self.register_buffer(prefix + "m2", torch.zeros(dim, dtype=torch.float64), persistent=persistent)
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor) -> None:
-        """Merge the statistics of ``rows`` (N, d) into the running ones (Chan et al. parallel update)."""
+        """Merge the statistics of ``rows`` (N, d) into the running and the fresh ones."""
         rows = rows.detach().to(torch.float64).reshape(-1, rows.shape[-1])
-        n = rows.shape[0]
-        if n == 0:
+        if rows.shape[0] == 0:
             return
         batch_mean = rows.mean(0)
-        batch_m2 = ((rows - batch_mean) ** 2).sum(0)
-        total = self.count + n
-        diff = batch_mean - self.mean
-        self.mean += diff * (n / total)
-        self.m2 += batch_m2 + diff**2 * (self.count * n / total)
-        self.count.fill_(total)
+        batch = (torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device), batch_mean,
+                 ((rows - batch_mean) ** 2).sum(0))
+        for prefix in ("", "fresh_"):
+            self._set(prefix, *merge_moments(*self._get(prefix), *batch))
+
+    def _get(self, prefix: str):
+        return getattr(self, prefix + "count"), getattr(self, prefix + "mean"), getattr(self, prefix + "m2")
+
+    def _set(self, prefix: str, count, mean, m2) -> None:
+        for buffer, value in zip(self._get(prefix), (count, mean, m2)):
+            buffer.copy_(value)
 
     def std(self) -> torch.Tensor:
         """(d,) standard deviation; ones until two rows have been seen."""
         if self.count < 2:
             return torch.ones_like(self.mean)
         return (self.m2 / (self.count - 1)).sqrt().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def merge_across_processes(module: nn.Module) -> None:
+    """Merge the statistics of every `RunningNorm` in ``module`` over the processes of the default
+    torch.distributed group, exactly, so that each ends with those of all rows any process has seen.
+
+    Process p holds ``S + F_p``: the statistics S shared after the last merge plus the fresh rows F_p
+    it has seen since. One all-gather gives every process every ``(S + F_p, F_p)``; each then computes
+    ``(S + F_0) + F_1 + ... + F_{k-1}`` by `merge_moments` in rank order, the same arithmetic on the
+    same numbers, so the result is bit-identical everywhere. The fresh statistics start again empty.
+    """
+    import torch.distributed as dist
+
+    norms = [m for m in module.modules() if isinstance(m, RunningNorm)]
+    if not norms:
+        return
+    parts = [torch.cat([t.reshape(-1) for prefix in ("", "fresh_") for t in norm._get(prefix)]) for norm in norms]
+    local = torch.cat(parts)  # per norm: count, mean (d), m2 (d), fresh_count, fresh_mean (d), fresh_m2 (d)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    offset = 0
+    for norm, part in zip(norms, parts):
+        d = norm.mean.shape[0]
+
+        def moments(vector, at):  # (count (), mean (d,), m2 (d,)) starting at ``at``
+            return vector[at], vector[at + 1 : at + 1 + d], vector[at + 1 + d : at + 1 + 2 * d]
+
+        merged = moments(gathered[0][offset : offset + part.numel()], 0)  # S + F_0
+        for other in gathered[1:]:
+            merged = merge_moments(*merged, *moments(other[offset : offset + part.numel()], 1 + 2 * d))
+        norm._set("", *merged)
+        norm._set("fresh_", torch.zeros_like(norm.fresh_count), torch.zeros_like(norm.fresh_mean),
+                  torch.zeros_like(norm.fresh_m2))
+        offset += part.numel()
 
 
 class LowRankResidualBlock(nn.Module):

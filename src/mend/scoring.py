@@ -14,8 +14,10 @@ from .batching import TokenBatch
 def target_logits(model, batch: TokenBatch, params: dict | None = None) -> torch.Tensor:
     """Next-token logits at the positions that predict target tokens.
 
-    Only those positions go through the output projection (``logits_to_keep``), which saves the
-    (T, vocab) product for every other position.
+    Only those positions go through the output projection: a pre-hook on the model's output
+    embeddings hands it the (N, H) hidden states at ``batch.prediction_mask`` instead of (B, T, H),
+    which saves the (T, vocab) product for every other position. The hook works on every
+    transformers 5.x, unlike a boolean ``logits_to_keep``, which older releases cannot index with.
 
     Args:
         params: replacement tensors by parameter name; the forward then runs through
@@ -24,21 +26,39 @@ def target_logits(model, batch: TokenBatch, params: dict | None = None) -> torch
     Returns:
         (N, V) logits, row i predicting ``batch.target_ids[i]``.
     """
-    keep = batch.prediction_mask
-    kwargs = dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    if params:
-        logits = functional_call(model, params, args=(), kwargs=kwargs, strict=False, tie_weights=True).logits
-    else:
-        logits = model(**kwargs).logits
-    if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep
-        logits = logits[keep] if logits.shape[1] == keep.shape[1] else logits.reshape(-1, logits.shape[-1])
+    keep = batch.prediction_mask  # (B, T)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.position_ids, use_cache=False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    with _head_sees_only(head, keep):
+        if params:
+            logits = functional_call(model, params, args=(), kwargs=kwargs, strict=False, tie_weights=True).logits
+        else:
+            logits = model(**kwargs).logits
+    if head is None:  # no output projection to hook: full (B, T, V) logits, then the kept rows
+        logits = logits[keep]
     return logits
+
+
+@contextlib.contextmanager
+def _head_sees_only(head, keep: torch.Tensor):
+    """While active, ``head`` is applied to ``hidden[keep]`` (N, H) instead of ``hidden`` (B, T, H)."""
+    if head is None:
+        yield
+        return
+
+    def select(module, args):
+        hidden = args[0]  # (B, T, H)
+        if hidden.shape[:2] != keep.shape:
+            raise RuntimeError(f"the output projection got hidden states of shape {tuple(hidden.shape)}, "
+                               f"expected (batch, tokens) = {tuple(keep.shape)} before the hidden size")
+        return (hidden[keep], *args[1:])  # (N, H)
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def token_nll(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:

@@ -66,18 +66,42 @@ def save_train_state(path, networks, optimizer, progress: Progress, config_yaml:
 
 
 def load_train_state(path, networks, optimizer, device="cpu") -> Progress:
-    """Restore networks and optimiser in place from ``path``; return the saved progress."""
+    """Restore networks and optimiser in place from ``path``; return the saved progress.
+
+    Every file is read and checked before anything is restored, so a broken state (CheckpointError)
+    leaves the networks and the optimiser as they were.
+    """
     path = recover_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"no training state to resume from at {path}")
     meta = load_yaml(path / STATE_FILE)
-    missing, unexpected = networks.load_state_dict(load_tensors(path / NETWORKS_FILE, device), strict=False)
-    if missing or unexpected:
+    for key in ("progress", "optimizer"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{path / STATE_FILE} lacks the mapping {key!r}")
+    try:
+        progress = Progress(**meta["progress"])
+        optimizer_tensors = load_tensors(path / OPTIMIZER_FILE, device)
+        rng_state = optimizer_tensors.pop("__torch_rng__").cpu()
+        optimizer_state = _unflatten_optimizer(optimizer_tensors, meta["optimizer"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is malformed: {type(error).__name__}: {error}") from None
+    state = load_tensors(path / NETWORKS_FILE, device)
+    expected = networks.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong_shape = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
         raise CheckpointError(
             f"{path / NETWORKS_FILE} does not fit this run's editor (changed config?): missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
+            f"unexpected {unexpected[:4]}, other shapes {wrong_shape[:4]}"
         )
-    tensors = load_tensors(path / OPTIMIZER_FILE, device)
-    torch.set_rng_state(tensors.pop("__torch_rng__").cpu())
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    return Progress(**meta["progress"])
+    backup = optimizer.state_dict()
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (KeyError, ValueError, TypeError) as error:
+        optimizer.load_state_dict(backup)
+        raise CheckpointError(f"{path / OPTIMIZER_FILE} does not fit this run's optimiser: {error}") from None
+    networks.load_state_dict(state)
+    torch.set_rng_state(rng_state)
+    return progress

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from .editor import Editor
 from .meta_batch import EditSampler, build_meta_batch
 from .models import load_base_model, resolve_device
-from .networks import MendNetworks
+from .networks import MendNetworks, merge_across_processes
 from .objective import meta_objective
 from .targets import resolve_targets
 from .train_state import Progress, load_train_state, save_train_state
@@ -43,14 +43,6 @@ def all_reduce_gradients(networks, world: int) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
-
-
-def broadcast_buffers(networks) -> None:
-    """Make every process use the main process's normalisation statistics (as DDP does for buffers)."""
-    import torch.distributed as dist
-
-    for buffer in networks.buffers():
-        dist.broadcast(buffer, 0)
 
 
 # keys that may change between a run and its resumption; any other change is a different run
@@ -121,7 +113,7 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
-        broadcast_buffers(networks)
+        merge_across_processes(networks)  # normalisation statistics of every process's rows
     return out, finite
 
 
