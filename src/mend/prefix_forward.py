@@ -112,12 +112,22 @@ def probe_block_output(model, start: int) -> BlockOutput:
 
 
 class _SkippedBlock(nn.Module):
-    """Stands in for a block below the cached prefix: returns the cached hidden states as they are."""
+    """Stands in for a block below the cached prefix: returns the cached hidden states as they are.
 
-    def __init__(self, hidden: torch.Tensor, output: BlockOutput):
+    Any other attribute the model's forward reads from the block (for example the attention type that
+    picks a sliding-window mask) comes from the block it replaces."""
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor, output: BlockOutput):
         super().__init__()
+        object.__setattr__(self, "_replaced", block)  # not registered: the stand-in owns no parameters
         self.hidden = hidden  # a plain attribute, not a buffer: never saved, never moved
         self.output = output
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_replaced"), name)
 
     def forward(self, *args, **kwargs):
         return self.output.wrap(self.hidden)
@@ -131,10 +141,9 @@ def starting_at_block(model, start: int, hidden: torch.Tensor, output: BlockOutp
     param = next(model.parameters())
     hidden = hidden.to(device=param.device, dtype=param.dtype)
     originals = [blocks[i] for i in range(start)]
-    stand_in = _SkippedBlock(hidden, output)
     try:
         for i in range(start):
-            blocks[i] = stand_in
+            blocks[i] = _SkippedBlock(originals[i], hidden, output)
         yield
     finally:
         for i, block in enumerate(originals):
