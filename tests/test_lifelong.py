@@ -79,10 +79,9 @@ def test_an_edit_is_remembered_as_key_moments_and_statistics_never_as_text():
 def test_later_edits_use_the_memory_and_keep_off_earlier_edits_inputs():
     editor = lifelong("llama", memory_weight=100.0)
     stateless = editor.variant(lifelong=False)
-    editor.edit(*FACTS[0])
-    first_inputs = raw_inputs(editor, FACTS[0])
-    remembering, _, _ = editor.compute_updates([FACTS[0][0] + " and", "more"])  # shares the first's prompt
-    forgetting, _, _ = stateless.compute_updates([FACTS[0][0] + " and", "more"])
+    first_inputs = editor.edit(*FACTS[0])._memory.keys  # the layer inputs the first edit was computed at
+    remembering, _, _ = editor.compute_updates([(FACTS[0][0] + " and", "more")])  # shares the first's prompt
+    forgetting, _, _ = stateless.compute_updates([(FACTS[0][0] + " and", "more")])
     for name, u in first_inputs.items():
         moved_with, moved_without = (u @ remembering[name].t()).norm(), (u @ forgetting[name].t()).norm()
         assert moved_with < 0.5 * moved_without, name

@@ -272,6 +272,8 @@ class Editor:
         except BaseException:
             self._restore(self._applied)
             raise
+        if self.memory is not None:
+            self.memory.absorb(entry)
         result = EditResult(
             edit_id=next(self._ids),
             pairs=pairs,
@@ -282,8 +284,6 @@ class Editor:
             _factors=factors,
             _memory=entry,
         )
-        if self.memory is not None:
-            self.memory.absorb(entry)
         self._applied.append(result)
         return result
 
