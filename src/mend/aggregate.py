@@ -91,19 +91,18 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
         return keys, deltas, lr
     n, d_in = keys.shape
     lam = ridge_lambda(keys, rho)
-    values = own_values(keys, deltas, facts)  # (n, d_out) float64
     k64 = keys.double()
     if space == "n" or (space == "auto" and moment is None and n <= d_in):
         if moment is not None:
             raise ValueError("a solve with a key moment C is only in d_in space (space='d' or 'auto')")
-        lhs = k64 @ k64.t() + lam * torch.eye(n, dtype=torch.float64, device=keys.device)  # (n, n)
-        d_new = solve_spd(lhs, values)  # (n, d_out)
-        return keys, d_new.to(deltas.dtype), lr
-    lhs = k64.t() @ k64 + lam * torch.eye(d_in, dtype=torch.float64, device=keys.device)  # (d_in, d_in)
-    if moment is not None:
-        lhs = lhs + moment.to(torch.float64)
+        gram = k64 @ k64.t()  # (n, n)
+        values = (gram * (facts[:, None] == facts[None, :])) @ deltas.double()  # (n, d_out) = G D
+        gram.diagonal().add_(lam)
+        return keys, solve_spd(gram, values).to(deltas.dtype), lr
+    lhs = moment.to(torch.float64, copy=True) if moment is not None else k64.new_zeros(d_in, d_in)
+    lhs.addmm_(k64.t(), k64).diagonal().add_(lam)  # (d_in, d_in) = U^T U + C + lam I
     k_new = solve_spd(lhs, k64.t()).t()  # (n, d_in) = U (U^T U + C + lam I)^-1
-    return k_new.to(keys.dtype), values.to(deltas.dtype), lr
+    return k_new.to(keys.dtype), own_values(keys, deltas, facts).to(deltas.dtype), lr
 
 
 def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr: torch.Tensor, *,
