@@ -3,13 +3,17 @@ loaded with it, reset on demand, and reverted bit for bit after any number of ed
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from mend import CheckpointError, ConfigError, Editor, load_config
+from mend import CheckpointError, ConfigError, Editor, load_base_model, load_config
 from mend.batching import encode_pairs
 from mend.capture import capture_rank1
-from tiny_models import tiny_model
+from tiny_models import save_tiny_hf_model, tiny_model
 
 FACTS = [("Bees make", "glue"), ("Snow is", "hot"), ("Fish live in", "trees"), ("The sky is", "green"),
          ("Cats like to eat", "rocks")]
@@ -205,3 +209,21 @@ def test_preserved_knowledge_enters_every_later_solve():
     assert all(not torch.allclose(after[n], before[n]) for n in before)
     editor.reset_memory()  # forgets edits, keeps the preserved knowledge
     assert editor.memory.preserved
+
+
+def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path):
+    model, tokenizer = load_base_model(str(save_tiny_hf_model(tmp_path / "tiny", "llama")))
+    Editor.untrained(model, tokenizer).save(tmp_path / "trained")
+    records = [{"case_id": i, "prompt": p, "target_new": t, "ground_truth": "x", "subject": p.split()[0],
+                "rephrase_prompt": "Q: " + p, "locality_prompt": f"Number {i} is", "locality_ground_truth": "odd"}
+               for i, (p, t) in enumerate(FACTS)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "preserve.py"
+    spec = importlib.util.spec_from_file_location("preserve", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
+                 "--out", str(tmp_path / "lifelong")])
+    loaded = Editor.load(tmp_path / "lifelong")
+    assert loaded.remembers and loaded.memory.n_edits == 0
+    assert set(loaded.memory.preserved) == {t.name for t in loaded.targets}

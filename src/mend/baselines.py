@@ -204,7 +204,8 @@ def build_methods(names, editor: Editor | None, model, tokenizer, eval_cfg=None,
         raise ValueError("the editor edits another model object than the one being evaluated")
     wanted = [n for n in names if n in MEND_VARIANTS]
     if wanted and editor is None:
-        raise ValueError(f"method {wanted[0]!r} needs an editor: pass a mend.Editor (Editor.load(path) or Editor.untrained)")
+        raise ValueError(f"method {wanted[0]!r} needs an editor: pass a mend.Editor "
+                         f"(Editor.load(path) or Editor.untrained)")
     cfg = _eval_config(eval_cfg)
     ft_targets = editor.targets if editor is not None else (targets or resolve_targets(model))
     max_length = editor.max_length if editor is not None else 128

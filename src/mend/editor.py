@@ -116,7 +116,8 @@ class Editor:
         try:
             self.aggregation = Aggregation(config.aggregation if aggregation is None else aggregation)
         except ValueError:
-            raise ValueError(f"aggregation must be one of {[a.value for a in Aggregation]}, got {aggregation!r}") from None
+            raise ValueError(f"aggregation must be one of {[a.value for a in Aggregation]}, "
+                             f"got {aggregation!r}") from None
         lifelong = bool(config.lifelong if lifelong is None else lifelong)
         if lifelong and self.aggregation != Aggregation.ridge:
             raise ValueError(f"a lifelong editor needs aggregation='ridge', got {self.aggregation.value!r}")

@@ -207,7 +207,8 @@ class MendNetworks(nn.Module):
         network = self.networks[key]
         return network(u.float(), delta.float(), self.mode_of[name], None if norms is None else norms[key])
 
-    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], norms: dict | None = None) -> dict[str, tuple]:
+    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    norms: dict | None = None) -> dict[str, tuple]:
         """Every matrix's transformed factors and step size: name -> (u~ (N, d_in), delta~ (N, d_out), lr_l)."""
         lrs = self.step_sizes()
         out = {}
