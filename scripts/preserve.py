@@ -6,7 +6,8 @@
 The preserved knowledge is the key second moment E[u u^T] of every edited matrix over generic text,
 here the locality probes (prompt and answer) of ``--data``: facts the edits must leave alone. Every
 later solve keeps it with weight ``editor.preserve_weight`` (`mend.memory`). The saved editor loads
-remembering (`mend.Editor.load(out).remembers`), with an empty edit memory.
+remembering (`mend.Editor.load(out).remembers`), with an empty edit memory; its stateless variants
+(`mend eval --methods mend`) keep the preserved knowledge too.
 """
 
 from __future__ import annotations

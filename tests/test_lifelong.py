@@ -42,8 +42,6 @@ def test_an_editor_is_stateless_unless_asked_to_remember():
     assert not editor.remembers and editor.memory is None
     with pytest.raises(ValueError, match="lifelong=True"):
         editor.reset_memory()
-    with pytest.raises(ValueError, match="lifelong=True"):
-        editor.preserve(["Some generic text."])
     assert editor.variant(lifelong=True).remembers
     assert lifelong().remembers
 
@@ -197,18 +195,31 @@ def test_a_memory_that_does_not_fit_the_editor_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- preserved knowledge
-def test_preserved_knowledge_enters_every_later_solve():
-    editor = lifelong("gpt2", preserve_weight=50.0)
+@pytest.mark.parametrize("remembers", [False, True])
+def test_preserved_knowledge_enters_every_later_solve_and_is_saved(tmp_path, remembers):
+    model, tokenizer = tiny_model("gpt2")
+    editor = Editor.untrained(model, tokenizer, {"editor": {"init_lr": 0.5, "preserve_weight": 50.0,
+                                                             "lifelong": remembers}})
+    texts = ["Generic text about many things.", "Another sentence of plain prose."]
     before, _, _ = editor.compute_updates([FACTS[0]])
-    editor.preserve(["Generic text about many things.", "Another sentence of plain prose."])
+    editor.preserve(texts)
     for target in editor.targets:
-        moment = editor.memory.preserved[target.name]
+        moment = editor.preserved[target.name]
         assert moment.shape == (target.d_in, target.d_in)
         torch.testing.assert_close(moment, moment.t())
     after, _, _ = editor.compute_updates([FACTS[0]])
     assert all(not torch.allclose(after[n], before[n]) for n in before)
-    editor.reset_memory()  # forgets edits, keeps the preserved knowledge
-    assert editor.memory.preserved
+    for name, update in after.items():  # the update leaves generic text's inputs more alone
+        generic = editor.preserved[name].double()
+        assert (update.double() @ generic @ update.double().t()).trace() < (before[name].double() @ generic @
+                                                                             before[name].double().t()).trace()
+    editor.save(tmp_path / "editor")
+    loaded = Editor.load(tmp_path / "editor", *tiny_model("gpt2"))
+    assert loaded.remembers == remembers
+    assert same_tensors(loaded.preserved, editor.preserved)
+    if remembers:
+        editor.reset_memory()  # forgets edits, keeps the preserved knowledge
+        assert editor.preserved
 
 
 def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path):
@@ -226,4 +237,4 @@ def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path
                  "--out", str(tmp_path / "lifelong")])
     loaded = Editor.load(tmp_path / "lifelong")
     assert loaded.remembers and loaded.memory.n_edits == 0
-    assert set(loaded.memory.preserved) == {t.name for t in loaded.targets}
+    assert set(loaded.preserved) == {t.name for t in loaded.targets}

@@ -90,7 +90,8 @@ class MendMethod(EditMethod):
 
     def settings(self) -> dict:
         config = OmegaConf.to_container(self.editor.networks.config, enum_to_str=True)
-        config.update(aggregation=self.editor.aggregation.value, lifelong=self.editor.remembers)
+        config.update(aggregation=self.editor.aggregation.value, lifelong=self.editor.remembers,
+                      preserved=bool(self.editor.preserved))
         return {"checkpoint": self.checkpoint, "editor": config, "targets": [t.name for t in self.editor.targets]}
 
 

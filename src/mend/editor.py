@@ -28,7 +28,7 @@ from .aggregate import aggregate_facts
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, ModelConfig, editor_config
-from .memory import EditMemory, MemoryEntry, key_moments
+from .memory import EditMemory, MemoryEntry, check_moments, key_moments
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
+PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
 
@@ -123,6 +124,7 @@ class Editor:
             raise ValueError(f"a lifelong editor needs aggregation='ridge', got {self.aggregation.value!r}")
         self.memory: EditMemory | None = EditMemory.for_networks(networks, self.device) if lifelong else None
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
+        self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
         self._applied: list[EditResult] = []
@@ -158,6 +160,7 @@ class Editor:
                        lifelong=self.remembers if lifelong is None else lifelong)
         if other.memory is not None and self.memory is not None:
             other.memory.load_tensors(self.memory.tensors())
+        other.preserved = dict(self.preserved)
         return other
 
     # ------------------------------------------------------------------ lifelong memory
@@ -168,7 +171,7 @@ class Editor:
 
     def reset_memory(self) -> None:
         """Forget the edits remembered so far (the weights stay as they are; `revert` still undoes
-        applied edits but no longer changes the memory for them). Preserved moments stay."""
+        applied edits but no longer changes the memory for them). Preserved knowledge stays."""
         self._require_memory("reset_memory")
         self.memory.reset()
         for result in self._applied:
@@ -177,11 +180,22 @@ class Editor:
             self._memory_base = self.memory.tensors()
 
     def preserve(self, texts: list[str], *, batch_size: int = 8) -> None:
-        """Keep the layer inputs of generic ``texts`` in every later solve (preserved knowledge):
-        their key second moment E[u u^T], weighted by ``editor.preserve_weight``."""
-        self._require_memory("preserve")
-        self.memory.set_preserved(key_moments(self.model, self.targets, self.tokenizer, list(texts),
-                                              max_length=self.max_length, batch_size=batch_size))
+        """Keep the outputs at the layer inputs of generic ``texts`` in every later ridge solve
+        (preserved knowledge): their key second moment E[u u^T], weighted by ``editor.preserve_weight``,
+        computed on the model as it is now and saved with the editor. ``editor.preserved = {}`` drops it."""
+        self.preserved = check_moments(key_moments(self.model, self.targets, self.tokenizer, list(texts),
+                                                   max_length=self.max_length, batch_size=batch_size), self.targets)
+
+    def _moment(self, name: str) -> torch.Tensor | None:
+        """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep."""
+        config = self.networks.config
+        parts = []
+        remembered = self.memory.moment(name) if self.memory is not None else None
+        if remembered is not None and config.memory_weight > 0:
+            parts.append(config.memory_weight * remembered.double())
+        if name in self.preserved and config.preserve_weight > 0:
+            parts.append(config.preserve_weight * self.preserved[name].to(self.device, torch.float64))
+        return sum(parts[1:], parts[0]) if parts else None
 
     def _require_memory(self, what: str) -> None:
         if self.memory is None:
@@ -237,12 +251,9 @@ class Editor:
         with torch.no_grad():
             for target in self.targets:
                 name = target.name
-                moment = None
-                if self.memory is not None:
-                    moment = self.memory.moment(name, config.memory_weight, config.preserve_weight)
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
-                    aggregation=self.aggregation, rho=ridges[name], moment=moment))
+                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name)))
         return factors, loss_sum / len(pairs), entry
 
     def edit(self, prompt: str, target: str) -> EditResult:
@@ -375,6 +386,8 @@ class Editor:
             save_tensors(self.networks.state_dict(), Path(staging) / WEIGHTS_FILE)
             if self.memory is not None:
                 save_tensors(self.memory.tensors(), Path(staging) / MEMORY_FILE)
+            if self.preserved:
+                save_tensors(self.preserved, Path(staging) / PRESERVED_FILE)
             save_yaml(meta, Path(staging) / CONFIG_FILE)
 
         atomic_write_dir(path, write)
@@ -435,6 +448,11 @@ class Editor:
                 editor.memory.load_tensors(load_tensors(path / MEMORY_FILE, editor.device))
             except ValueError as error:
                 raise CheckpointError(f"{path / MEMORY_FILE} does not fit this editor: {error}") from None
+        if (path / PRESERVED_FILE).is_file():
+            try:
+                editor.preserved = check_moments(load_tensors(path / PRESERVED_FILE, editor.device), editor.targets)
+            except ValueError as error:
+                raise CheckpointError(f"{path / PRESERVED_FILE} does not fit this editor: {error}") from None
         return editor
 
 

@@ -1,18 +1,21 @@
 """What a lifelong editor remembers across edits: statistics that keep updating and key moments.
 
-For every edited matrix (d_in x d_in, float32), only second moments, never prompts:
+For every edited matrix (d_in x d_in, float32), only a second moment, never prompts:
 
-    edits[l]     = sum over every position t of every remembered edit of u_t u_t^T   (raw layer inputs)
-    preserved[l] = E[u u^T] over generic text (optional, `key_moments`)
+    edits[l] = sum over every position t of every remembered edit of u_t u_t^T     (raw layer inputs)
 
 The ridge solve of the next edit (`mend.aggregate`) adds
 
     C_l = memory_weight * edits[l] + preserve_weight * preserved[l]
 
-to its normal equation, so a new update is pushed to leave the outputs at earlier edits' inputs and
-at generic text alone (AlphaEdit / UltraEdit, here as a penalty in one ridge solve rather than a
-null-space projection). For every editor network, the rows (u, delta) seen at edit time are merged
-into running statistics; the network standardises with its trained statistics merged with these
+to its normal equation, ``preserved[l]`` being the editor's preserved knowledge, E[u u^T] over
+generic text (`key_moments`, `Editor.preserve`; any editor may hold it, lifelong or not). A new
+update is so pushed to leave the outputs at earlier edits' inputs and at generic text alone
+(AlphaEdit / UltraEdit, here as a penalty in one ridge solve rather than a null-space projection).
+Without preserved knowledge the solve may reach its fit through directions generic text uses, so a
+lifelong editor should be given some.
+
+For every editor network, the rows (u, delta) seen at edit time are merged into running statistics; the network standardises with its trained statistics merged with these
 (lifelong normalisation). Each edit is absorbed after it is applied, so the first edit of an empty
 memory is exactly the stateless edit.
 
@@ -67,7 +70,6 @@ class EditMemory:
         self.widths = dict(widths)
         self.device = torch.device(device or "cpu")
         self.reset()
-        self.preserved: dict[str, torch.Tensor] = {}
 
     @classmethod
     def for_networks(cls, networks, device=None) -> "EditMemory":
@@ -76,7 +78,7 @@ class EditMemory:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget every edit (statistics and key moments); the preserved moments stay."""
+        """Forget every edit (statistics and key moments)."""
         self.n_edits = 0
         self.edits: dict[str, torch.Tensor] = {}  # allocated by the first edit that reaches a matrix
         self.norms = {key: (RunningNorm(d_in).to(self.device), RunningNorm(d_out).to(self.device))
@@ -94,25 +96,9 @@ class EditMemory:
             delta_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in delta_stats))
         self.n_edits += 1
 
-    def set_preserved(self, moments: dict[str, torch.Tensor]) -> None:
-        """Keep ``moments`` (name -> (d_in, d_in) E[u u^T] of generic text) in every later solve."""
-        by_name = {t.name: t for t in self.targets}
-        for name, moment in moments.items():
-            if name not in by_name:
-                raise ValueError(f"no edited matrix named {name!r}; the editor edits {sorted(by_name)}")
-            d_in = by_name[name].d_in
-            if tuple(moment.shape) != (d_in, d_in):
-                raise ValueError(f"the preserved moment of {name} must be ({d_in}, {d_in}), got {tuple(moment.shape)}")
-        self.preserved = {name: m.detach().float().to(self.device).clone() for name, m in moments.items()}
-
-    def moment(self, name: str, memory_weight: float, preserve_weight: float) -> torch.Tensor | None:
-        """C of matrix ``name`` for the next solve, or None when there is nothing to keep."""
-        parts = []
-        if memory_weight > 0 and name in self.edits:
-            parts.append(memory_weight * self.edits[name].double())
-        if preserve_weight > 0 and name in self.preserved:
-            parts.append(preserve_weight * self.preserved[name].double())
-        return sum(parts[1:], parts[0]) if parts else None
+    def moment(self, name: str) -> torch.Tensor | None:
+        """The remembered key moment of matrix ``name`` (d_in, d_in), or None before any edit reached it."""
+        return self.edits.get(name)
 
     def norms_for(self, networks) -> dict[str, tuple[RunningNorm, RunningNorm]] | None:
         """Network key -> (u norm, delta norm): trained statistics merged with the edit-time ones;
@@ -131,8 +117,6 @@ class EditMemory:
         out = {"n_edits": torch.tensor(self.n_edits, dtype=torch.int64)}
         for name, moment in self.edits.items():
             out[f"edits.{name}"] = moment.clone()
-        for name, moment in self.preserved.items():
-            out[f"preserved.{name}"] = moment.clone()
         for key, (u_norm, delta_norm) in self.norms.items():
             for side, norm in (("u", u_norm), ("delta", delta_norm)):
                 for stat in ("count", "mean", "m2"):
@@ -143,17 +127,16 @@ class EditMemory:
         """Set the memory to ``tensors`` (from `tensors`); a name it does not know is an error."""
         names = {t.name: t for t in self.targets}
         self.reset()
-        self.preserved = {}
         for flat, value in tensors.items():
             value = value.to(self.device)
             kind, _, rest = flat.partition(".")
             if flat == "n_edits":
                 self.n_edits = int(value)
-            elif kind in ("edits", "preserved") and rest in names:
+            elif kind == "edits" and rest in names:
                 d_in = names[rest].d_in
                 if tuple(value.shape) != (d_in, d_in):
                     raise ValueError(f"memory tensor {flat} has shape {tuple(value.shape)}, expected ({d_in}, {d_in})")
-                getattr(self, kind)[rest] = value.clone()
+                self.edits[rest] = value.clone()
             elif kind == "norms":
                 key, side, stat = rest.rsplit(".", 2)
                 if key not in self.norms or side not in ("u", "delta") or stat not in ("count", "mean", "m2"):
@@ -165,6 +148,20 @@ class EditMemory:
                 getattr(norm, stat).copy_(value)
             else:
                 raise ValueError(f"unknown memory tensor {flat!r}")
+
+
+def check_moments(moments: dict[str, torch.Tensor], targets: list[EditTarget]) -> dict[str, torch.Tensor]:
+    """Float32 copies of ``moments`` (name -> (d_in, d_in)); a name or shape that does not fit is an error."""
+    by_name = {t.name: t for t in targets}
+    out = {}
+    for name, moment in moments.items():
+        if name not in by_name:
+            raise ValueError(f"no edited matrix named {name!r}; the editor edits {sorted(by_name)}")
+        d_in = by_name[name].d_in
+        if tuple(moment.shape) != (d_in, d_in):
+            raise ValueError(f"the key moment of {name} must be ({d_in}, {d_in}), got {tuple(moment.shape)}")
+        out[name] = moment.detach().float().clone()
+    return out
 
 
 @torch.no_grad()
