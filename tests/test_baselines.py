@@ -152,11 +152,11 @@ def test_build_methods_names_and_targets():
     # without an editor, FT edits the default matrices
     ft = build_methods(["ft"], None, model, tok)["ft"]
     assert ft.targets == resolve_targets(model) and ft.steps == 10  # EvalConfig defaults
-    assert set(METHOD_NAMES) == {"none", "mend", "ft", "ft-l"}
+    assert set(METHOD_NAMES) == {"none", "mend", "mend-sum", "mend-lifelong", "ft", "ft-l"}
 
 
 @pytest.mark.parametrize("names, match", [
-    (["none", "rome"], r"unknown edit method 'rome'; valid methods are none, mend, ft, ft-l"),
+    (["none", "rome"], r"unknown edit method 'rome'; valid methods are none, mend, mend-sum, mend-lifelong, ft, ft-l"),
     (["ft", "ft"], "more than once"),
     ([], "no edit methods"),
     (["mend"], "needs an editor"),
@@ -165,6 +165,24 @@ def test_build_methods_rejects(names, match):
     model, tok = tiny_model("llama")
     with pytest.raises(ValueError, match=match):
         build_methods(names, None, model, tok)
+
+
+def test_the_mend_methods_are_one_editor_aggregated_summed_and_remembering():
+    model, tok = tiny_model("llama")
+    editor = mend.Editor.untrained(model, tok)  # stateless, ridge: "mend" is the editor itself
+    methods = build_methods(["mend", "mend-sum", "mend-lifelong"], editor, model, tok)
+    assert methods["mend"].editor is editor
+    got = {name: (m.editor.aggregation.value, m.editor.remembers) for name, m in methods.items()}
+    assert got == {"mend": ("ridge", False), "mend-sum": ("sum", False), "mend-lifelong": ("ridge", True)}
+    assert all(m.editor.networks is editor.networks for m in methods.values())  # shared, not copied
+    assert methods["mend-lifelong"].settings()["editor"]["lifelong"] is True
+    before = _state(model)
+    for method in methods.values():  # the harness runs them one after another, each reverting
+        method.apply(PAIRS)
+        method.apply([("Fire is", "cold")])
+        method.revert()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert methods["mend-lifelong"].editor.memory.n_edits == 0
 
 
 def test_build_methods_rejects_an_editor_of_another_model():

@@ -24,6 +24,12 @@ def untrained(family="gpt2", **editor):
     return Editor.untrained(model, tokenizer, {"editor": editor} if editor else None)
 
 
+def summing(family="gpt2", **editor):
+    """An untrained editor that sums the facts' rank-1 updates (the MEND paper): one fact's edit is
+    then exactly one gradient step (the ridge default tends to it, `tests/test_aggregate.py`)."""
+    return untrained(family, aggregation="sum", **editor)
+
+
 def weights(editor) -> dict[str, torch.Tensor]:
     """Copies of the edited matrices, by name."""
     params = dict(editor.model.named_parameters())
@@ -32,7 +38,7 @@ def weights(editor) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- identity editor == gradient step
 def test_an_untrained_edit_is_one_gradient_step_of_init_lr(family, unchanged, autograd_gradients):
-    editor = untrained(family, init_lr=STEP)
+    editor = summing(family, init_lr=STEP)
     names = [t.name for t in editor.targets]
     batch = encode_pairs(editor.tokenizer, [PROMPT], [TARGET], max_length=editor.max_length)
     loss, grads = autograd_gradients(editor.model, names, batch)
@@ -50,7 +56,7 @@ def test_an_untrained_edit_is_one_gradient_step_of_init_lr(family, unchanged, au
 
 
 def test_update_norms_are_init_lr_times_gradient_norms(autograd_gradients):
-    editor = untrained("llama")  # default init_lr
+    editor = summing("llama")  # default init_lr
     names = [t.name for t in editor.targets]
     batch = encode_pairs(editor.tokenizer, [PROMPT], [TARGET], max_length=editor.max_length)
     _, grads = autograd_gradients(editor.model, names, batch)
@@ -81,7 +87,7 @@ def test_edit_result_reports_what_the_edit_did():
 
 
 def test_edit_many_applies_all_pairs_in_one_batch(monkeypatch, autograd_gradients):
-    editor = untrained("llama", init_lr=STEP)
+    editor = summing("llama", init_lr=STEP)
     names = [t.name for t in editor.targets]
     captured = []
 
@@ -91,9 +97,10 @@ def test_edit_many_applies_all_pairs_in_one_batch(monkeypatch, autograd_gradient
 
     capture = mend.editor.capture_rank1
     monkeypatch.setattr(mend.editor, "capture_rank1", counting_capture)
-    prompts, targets = zip(*FACTS)
-    batch = encode_pairs(editor.tokenizer, list(prompts), list(targets), max_length=editor.max_length)
-    _, grads = autograd_gradients(editor.model, names, batch)  # mean NLL over all pairs' target tokens
+    steps = []  # each fact's own gradient: no fact's loss is divided by the number of facts
+    for prompt, target in FACTS:
+        batch = encode_pairs(editor.tokenizer, [prompt], [target], max_length=editor.max_length)
+        steps.append(autograd_gradients(editor.model, names, batch)[1])
     before = weights(editor)
 
     result = editor.edit_many([FACTS[0], list(FACTS[1]), {"prompt": FACTS[2][0], "target": FACTS[2][1]}])
@@ -101,7 +108,8 @@ def test_edit_many_applies_all_pairs_in_one_batch(monkeypatch, autograd_gradient
     assert captured == [3]  # one forward/backward over a batch of all three pairs
     assert result.pairs == FACTS
     for name, weight in weights(editor).items():
-        torch.testing.assert_close(weight, before[name] - STEP * grads[name], rtol=1e-5, atol=1e-6)
+        want = before[name] - STEP * sum(step[name] for step in steps)
+        torch.testing.assert_close(weight, want, rtol=1e-5, atol=1e-6)
 
 
 def test_edits_leave_no_gradients_and_freeze_editor_statistics():

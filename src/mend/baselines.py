@@ -1,7 +1,11 @@
 """Edit methods compared by the evaluation harness, behind one small interface.
 
 * ``none``: no edit; the unedited model's scores.
-* ``mend``: a `mend.Editor` (trained or untrained).
+* ``mend``: a `mend.Editor` (trained or untrained), stateless, the facts of one edit aggregated by
+  ridge least squares (`mend.aggregate`).
+* ``mend-sum``: the same editor summing the facts' rank-1 updates (the MEND paper).
+* ``mend-lifelong``: the same editor remembering its edits (`mend.memory`); in sequential mode each
+  edit is computed knowing the ones before it.
 * ``ft``: fine-tune the editor's target matrices on the edit's target NLL with Adam for a fixed
   number of steps.
 * ``ft-l``: the same, with each matrix's change clamped after every step to an L-infinity ball of
@@ -27,7 +31,9 @@ from .editor import EditFailedError, Editor
 from .scoring import autocast_for, mean_nll, target_logits
 from .targets import EditTarget, resolve_targets
 
-METHOD_NAMES = ("none", "mend", "ft", "ft-l")
+METHOD_NAMES = ("none", "mend", "mend-sum", "mend-lifelong", "ft", "ft-l")
+MEND_VARIANTS = {"mend": dict(aggregation="ridge", lifelong=False), "mend-sum": dict(aggregation="sum", lifelong=False),
+                 "mend-lifelong": dict(aggregation="ridge", lifelong=True)}
 
 
 class EditMethod(abc.ABC):
@@ -64,11 +70,10 @@ class NoEdit(EditMethod):
 class MendMethod(EditMethod):
     """Edits made by a `mend.Editor` (``Editor.edit_many``)."""
 
-    name = "mend"
-
-    def __init__(self, editor: Editor, checkpoint: str | None = None):
+    def __init__(self, editor: Editor, checkpoint: str | None = None, name: str = "mend"):
         self.editor = editor
         self.checkpoint = checkpoint
+        self.name = name
         self._results = []
 
     def apply(self, pairs) -> None:
@@ -85,6 +90,8 @@ class MendMethod(EditMethod):
 
     def settings(self) -> dict:
         config = OmegaConf.to_container(self.editor.networks.config, enum_to_str=True)
+        config.update(aggregation=self.editor.aggregation.value, lifelong=self.editor.remembers,
+                      preserved=bool(self.editor.preserved))
         return {"checkpoint": self.checkpoint, "editor": config, "targets": [t.name for t in self.editor.targets]}
 
 
@@ -172,9 +179,11 @@ def build_methods(names, editor: Editor | None, model, tokenizer, eval_cfg=None,
     """Build the named edit methods, in the order given.
 
     Args:
-        names: method names, each one of `METHOD_NAMES` ("none", "mend", "ft", "ft-l").
-        editor: the `mend.Editor` for "mend" (None when "mend" is not asked for); its target matrices
-            and max_length are also FT's.
+        names: method names, each one of `METHOD_NAMES` ("none", "mend", "mend-sum", "mend-lifelong",
+            "ft", "ft-l").
+        editor: the `mend.Editor` for the mend methods (None when none is asked for); each mend method
+            uses it, or a variant of it sharing its networks (`Editor.variant`), set as its name says.
+            Its target matrices and max_length are also FT's.
         eval_cfg: an EvalConfig, DictConfig or dict (``ft_steps``, ``ft_lr``, ``ftl_norm``); None = defaults.
         targets: FT's matrices when there is no editor (default: `resolve_targets(model)`).
         checkpoint: the editor's checkpoint path, recorded in the method's settings.
@@ -194,8 +203,10 @@ def build_methods(names, editor: Editor | None, model, tokenizer, eval_cfg=None,
         raise ValueError(f"no edit methods given; choose from {', '.join(METHOD_NAMES)}")
     if editor is not None and editor.model is not model:
         raise ValueError("the editor edits another model object than the one being evaluated")
-    if "mend" in names and editor is None:
-        raise ValueError("method 'mend' needs an editor: pass a mend.Editor (Editor.load(path) or Editor.untrained)")
+    wanted = [n for n in names if n in MEND_VARIANTS]
+    if wanted and editor is None:
+        raise ValueError(f"method {wanted[0]!r} needs an editor: pass a mend.Editor "
+                         f"(Editor.load(path) or Editor.untrained)")
     cfg = _eval_config(eval_cfg)
     ft_targets = editor.targets if editor is not None else (targets or resolve_targets(model))
     max_length = editor.max_length if editor is not None else 128
@@ -203,8 +214,10 @@ def build_methods(names, editor: Editor | None, model, tokenizer, eval_cfg=None,
     for name in names:
         if name == "none":
             methods[name] = NoEdit()
-        elif name == "mend":
-            methods[name] = MendMethod(editor, checkpoint)
+        elif name in MEND_VARIANTS:
+            variant = MEND_VARIANTS[name]
+            same = editor.aggregation.value == variant["aggregation"] and editor.remembers == variant["lifelong"]
+            methods[name] = MendMethod(editor if same else editor.variant(**variant), checkpoint, name)
         else:
             methods[name] = FineTune(model, tokenizer, ft_targets, steps=cfg.ft_steps, lr=cfg.ft_lr,
                                      linf_norm=cfg.ftl_norm if name == "ft-l" else None, max_length=max_length)

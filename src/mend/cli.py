@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a CounterFact, zsRE or KnowEdit JSON file")
     p.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre", "knowedit"])
     p.add_argument("--mode", choices=["single", "batch", "sequential"], help="default: eval.mode")
-    p.add_argument("--methods", help="comma-separated from none, mend, ft, ft-l (default: eval.methods)")
+    p.add_argument("--methods", help="comma-separated from none, mend, mend-sum, mend-lifelong, ft, ft-l "
+                                     "(default: eval.methods)")
     p.add_argument("--limit", type=int, help="records to evaluate (default: eval.max_records)")
     p.add_argument("--skip", type=int, default=0, help="skip this many records first (e.g. those used for validation)")
     p.add_argument("--batch-size", type=int, help="edits applied together in batch mode (default: eval.batch_size)")

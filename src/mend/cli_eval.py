@@ -54,8 +54,8 @@ def run_eval(args) -> int:
         editor = Editor.load(args.editor, model, tokenizer, device=args.device)
         model, tokenizer, max_length = editor.model, editor.tokenizer, editor.max_length
     else:
-        if "mend" in names:
-            raise ValueError("the mend method needs --editor DIR (a trained editor); or drop it from --methods")
+        if any(n.startswith("mend") for n in names):
+            raise ValueError("the mend methods need --editor DIR (a trained editor); or drop them from --methods")
         editor = None
         model, tokenizer = load_base_model(args.model or DEFAULT_MODEL, device=args.device)
         max_length = cfg.model.max_length

@@ -41,6 +41,13 @@ class PrefixCacheMode(str, Enum):
     none = "none"  # no cache: every step runs the full model
 
 
+class Aggregation(str, Enum):
+    """How the facts of one edit become one update per matrix (`mend.aggregate`)."""
+
+    ridge = "ridge"  # one ridge least-squares solve over every fact's keys and value shifts (MALMEN)
+    sum = "sum"  # the MEND paper: the sum of every fact's rank-1 updates
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local directory
@@ -63,6 +70,12 @@ class EditorConfig:
     transform: Transform = Transform.both
     share: bool = True  # one network per weight shape (False: one per edited matrix)
     normalize: bool = True  # standardise u and delta by running statistics
+    aggregation: Aggregation = Aggregation.ridge  # how the facts of one edit_many become one update per matrix
+    ridge: float = 1.0e-3  # initial ridge regulariser of each matrix, relative to the mean squared key norm
+    lifelong: bool = False  # remember edits across edit calls (`mend.memory`): statistics and key moments
+    memory_weight: float = 1.0  # weight of earlier edits' keys in a lifelong solve (0: forget them)
+    preserve_weight: float = 1000.0  # weight of the preserved-knowledge key moment (E[k k^T] of generic text)
+    edit_chunk: int = 16  # facts per capture pass at edit time (bounds memory for hundreds of facts)
 
 
 @dataclass
@@ -198,12 +211,7 @@ def load_config(overrides: Optional[List[str]] = None, *, config_dir=None, file=
 
 def validate(cfg) -> None:
     """Check values the type system cannot; raise ConfigError naming the bad value."""
-    if cfg.editor.rank < 1:
-        raise ConfigError(f"editor.rank must be >= 1, got {cfg.editor.rank}")
-    if cfg.editor.n_blocks < 0:
-        raise ConfigError(f"editor.n_blocks must be >= 0, got {cfg.editor.n_blocks}")
-    if cfg.editor.init_lr <= 0:
-        raise ConfigError(f"editor.init_lr must be > 0, got {cfg.editor.init_lr}")
+    validate_editor(cfg.editor)
     if cfg.model.edit_last_n_blocks < 1:
         raise ConfigError(f"model.edit_last_n_blocks must be >= 1, got {cfg.model.edit_last_n_blocks}")
     if cfg.model.max_length < 2:
@@ -234,9 +242,29 @@ def validate(cfg) -> None:
         raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
 
 
+def validate_editor(editor) -> None:
+    """Check an editor section's values; raise ConfigError naming the bad value."""
+    if editor.rank < 1:
+        raise ConfigError(f"editor.rank must be >= 1, got {editor.rank}")
+    if editor.n_blocks < 0:
+        raise ConfigError(f"editor.n_blocks must be >= 0, got {editor.n_blocks}")
+    if editor.init_lr <= 0:
+        raise ConfigError(f"editor.init_lr must be > 0, got {editor.init_lr}")
+    if not editor.ridge > 0:
+        raise ConfigError(f"editor.ridge must be > 0, got {editor.ridge}")
+    for key in ("memory_weight", "preserve_weight"):
+        if not editor[key] >= 0:
+            raise ConfigError(f"editor.{key} must be >= 0, got {editor[key]}")
+    if editor.edit_chunk < 1:
+        raise ConfigError(f"editor.edit_chunk must be >= 1, got {editor.edit_chunk}")
+    if editor.lifelong and editor.aggregation != Aggregation.ridge:
+        raise ConfigError("editor.lifelong needs editor.aggregation=ridge (a sum of rank-1 updates cannot "
+                          f"take earlier edits into account), got aggregation={editor.aggregation.value}")
+
+
 def editor_config(cfg=None) -> DictConfig:
     """A structured EditorConfig from a dict, DictConfig or None (defaults)."""
     base = OmegaConf.structured(EditorConfig)
-    if cfg is None:
-        return base
-    return _merge(base, cfg, "editor config")
+    merged = base if cfg is None else _merge(base, cfg, "editor config")
+    validate_editor(merged)
+    return merged

@@ -4,6 +4,10 @@
     editor = mend.Editor.untrained(model, tokenizer)        # or mend.Editor.load("runs/x/best")
     result = editor.edit("The Eiffel Tower is in", "Rome")  # one forward/backward + one editor pass
     editor.revert()                                           # weights back bit for bit
+
+Several facts in one `edit_many` are captured each with its own loss (in chunks of
+``editor.edit_chunk`` facts per pass) and aggregated into one update per matrix (`mend.aggregate`).
+A lifelong editor (``lifelong=True``, `remembers`) keeps an `mend.memory.EditMemory` across edits.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .aggregate import aggregate_facts
 from .batching import check_pairs, encode_pairs
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
-from .config import ModelConfig, editor_config
+from .config import Aggregation, ModelConfig, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
+from .memory import EditMemory, MemoryEntry, check_moments, key_moments
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -30,6 +36,9 @@ from .targets import EditTarget, resolve_targets, to_storage
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
+MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
+PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
+ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
 
 class EditFailedError(RuntimeError):
@@ -57,6 +66,7 @@ class EditResult:
     loss: float
     seconds: float
     _factors: dict = field(default_factory=dict, repr=False)
+    _memory: MemoryEntry | None = field(default=None, repr=False)
 
 
 def _update_norm(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> float:
@@ -66,15 +76,35 @@ def _update_norm(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> 
 
 
 class Editor:
-    """A base model, its tokenizer and MEND editor networks; edits the model's weights in place."""
+    """A base model, its tokenizer and MEND editor networks; edits the model's weights in place.
 
-    def __init__(self, model, tokenizer, networks: MendNetworks, *, max_length: int = 128, model_config=None):
+    Args:
+        aggregation: "ridge" or "sum", how the facts of one edit become one update (default: the
+            editor config's ``aggregation``).
+        lifelong: remember edits across calls (default: the editor config's ``lifelong``); see
+            `remembers`, `reset_memory` and `mend.memory`.
+    """
+
+    def __init__(self, model, tokenizer, networks: MendNetworks, *, max_length: int = 128, model_config=None,
+                 aggregation: str | Aggregation | None = None, lifelong: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.networks = networks.to(self.device)
         self.max_length = int(max_length)
         self.model_config = OmegaConf.merge(OmegaConf.structured(ModelConfig), model_config or {})
         self.targets: list[EditTarget] = networks.targets
+        config = networks.config
+        try:
+            self.aggregation = Aggregation(config.aggregation if aggregation is None else aggregation)
+        except ValueError:
+            raise ValueError(f"aggregation must be one of {[a.value for a in Aggregation]}, "
+                             f"got {aggregation!r}") from None
+        lifelong = bool(config.lifelong if lifelong is None else lifelong)
+        if lifelong and self.aggregation != Aggregation.ridge:
+            raise ValueError(f"a lifelong editor needs aggregation='ridge', got {self.aggregation.value!r}")
+        self.memory: EditMemory | None = EditMemory.for_networks(networks, self.device) if lifelong else None
+        self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
+        self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
         self._applied: list[EditResult] = []
@@ -102,38 +132,121 @@ class Editor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def variant(self, *, aggregation: str | Aggregation | None = None, lifelong: bool | None = None) -> "Editor":
+        """Another editor of the same model with the same networks (shared, not copied), with its own
+        edit history and, when lifelong, a copy of this editor's memory (or an empty one)."""
+        other = Editor(self.model, self.tokenizer, self.networks, max_length=self.max_length,
+                       model_config=self.model_config, aggregation=aggregation or self.aggregation,
+                       lifelong=self.remembers if lifelong is None else lifelong)
+        if other.memory is not None and self.memory is not None:
+            other.memory.load_tensors(self.memory.tensors())
+        other.preserved = dict(self.preserved)
+        return other
+
+    # ------------------------------------------------------------------ lifelong memory
+    @property
+    def remembers(self) -> bool:
+        """True for a lifelong editor: each edit is computed knowing the edits made before it."""
+        return self.memory is not None
+
+    def reset_memory(self) -> None:
+        """Forget the edits remembered so far (the weights stay as they are; `revert` still undoes
+        applied edits but no longer changes the memory for them). Preserved knowledge stays."""
+        self._require_memory("reset_memory")
+        self.memory.reset()
+        for result in self._applied:
+            result._memory = None
+        if self._memory_base is not None:
+            self._memory_base = self.memory.tensors()
+
+    def preserve(self, texts: list[str], *, batch_size: int = 8) -> None:
+        """Keep the outputs at the layer inputs of generic ``texts`` in every later ridge solve
+        (preserved knowledge): their key second moment E[u u^T], weighted by ``editor.preserve_weight``,
+        computed on the model as it is now and saved with the editor. ``editor.preserved = {}`` drops it."""
+        self.preserved = check_moments(key_moments(self.model, self.targets, self.tokenizer, list(texts),
+                                                   max_length=self.max_length, batch_size=batch_size), self.targets)
+
+    def _moment(self, name: str) -> torch.Tensor | None:
+        """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep."""
+        config = self.networks.config
+        parts = []
+        remembered = self.memory.moment(name) if self.memory is not None else None
+        if remembered is not None and config.memory_weight > 0:
+            parts.append(config.memory_weight * remembered.double())
+        if name in self.preserved and config.preserve_weight > 0:
+            parts.append(config.preserve_weight * self.preserved[name].to(self.device, torch.float64))
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def _require_memory(self, what: str) -> None:
+        if self.memory is None:
+            raise ValueError(f"{what} needs a lifelong editor: build it with lifelong=True "
+                             f"(Editor(..., lifelong=True), Editor.load(path, lifelong=True) or editor.lifelong=true)")
+
     # ------------------------------------------------------------------ editing
     def compute_updates(self, pairs) -> tuple[dict[str, torch.Tensor], dict, float]:
-        """The updates an edit would apply, without applying them.
+        """The updates an edit would apply, without applying them (nor touching the memory).
 
         Returns:
-            (updates name -> dW (d_out, d_in) float32, transformed factors for exact replay, loss).
+            (updates name -> dW (d_out, d_in) float32, factors name -> (K, D', lr) for exact replay,
+            loss: the mean over facts of each fact's mean target NLL).
         """
-        return self._compute_updates(check_pairs(pairs))
+        factors, loss, _ = self._prepare(check_pairs(pairs))
+        return {name: update_from(*f) for name, f in factors.items()}, factors, loss
 
-    def _compute_updates(self, pairs: list[tuple[str, str]]) -> tuple[dict[str, torch.Tensor], dict, float]:
-        prompts, targets = zip(*pairs)
-        batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length).to(self.device)
-        capture = capture_rank1(self.model, self.targets, batch)
+    def _prepare(self, pairs: list[tuple[str, str]]) -> tuple[dict, float, MemoryEntry | None]:
+        """Capture every fact with its own loss, chunk by chunk, transform, aggregate.
+
+        Returns (factors name -> (K (n, d_in), D' (n, d_out), lr), loss, what the edit adds to the memory).
+        """
+        config = self.networks.config
+        chunk = int(config.edit_chunk)
+        entry = MemoryEntry() if self.memory is not None else None
+        norms = self.memory.norms_for(self.networks) if self.memory is not None else None
+        keys, deltas, facts = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, []
+        loss_sum = 0.0
         was_training = self.networks.training
-        self.networks.eval()  # statistics frozen at edit time
+        self.networks.eval()  # the networks' own statistics are frozen at edit time
         try:
-            with torch.no_grad():
-                factors = self.networks.transformed(capture.factors)
+            for start in range(0, len(pairs), chunk):
+                prompts, targets = zip(*pairs[start : start + chunk])
+                batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length)
+                batch = batch.to(self.device)
+                own_loss = torch.arange(len(batch), device=self.device)  # each fact its own loss: no 1/k
+                capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
+                loss_sum += float(capture.loss) * len(batch)
+                facts.append(capture.rows + start)
+                with torch.no_grad():
+                    for name, (u_t, delta_t, _) in self.networks.transformed(capture.factors, norms).items():
+                        keys[name].append(u_t)
+                        deltas[name].append(delta_t)
+                if entry is not None:
+                    for target in self.targets:
+                        entry.add(target.name, self.networks.network_of[target.name], *capture.factors[target.name])
+                del capture
         finally:
             self.networks.train(was_training)
-        updates = {name: update_from(*f) for name, f in factors.items()}
-        return updates, factors, float(capture.loss)
+        facts = torch.cat(facts)
+        lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
+        factors = {}
+        with torch.no_grad():
+            for target in self.targets:
+                name = target.name
+                factors[name] = tuple(t.detach() for t in aggregate_facts(
+                    torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
+                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name)))
+        return factors, loss_sum / len(pairs), entry
 
     def edit(self, prompt: str, target: str) -> EditResult:
         """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass."""
         return self.edit_many([(prompt, target)])
 
     def edit_many(self, pairs) -> EditResult:
-        """Apply several (prompt, target) facts together in one batched pass."""
+        """Apply several (prompt, target) facts together as one edit: each fact is captured with its
+        own loss, and the facts' updates are aggregated (``aggregation``) into one per matrix."""
         start = time.perf_counter()
         pairs = check_pairs(pairs)
-        updates, factors, loss = self._compute_updates(pairs)
+        factors, loss, entry = self._prepare(pairs)
+        updates = {name: update_from(*f) for name, f in factors.items()}
         new_weights = self._updated_weights(updates)  # checked in the weights' own dtype before any write
         for name, weight in new_weights.items():
             # a NaN or inf anywhere makes the float32 sum non-finite: one reduction instead of a mask
@@ -143,6 +256,7 @@ class Editor:
         changed = [name for name, weight in new_weights.items() if not torch.equal(weight, self._params[name])]
         if self._originals is None:
             self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
+            self._memory_base = self.memory.tensors() if self.memory is not None else None
         try:
             with torch.no_grad():  # W + dW computed once above, the same arithmetic as `_apply`
                 for name, weight in new_weights.items():
@@ -150,6 +264,8 @@ class Editor:
         except BaseException:
             self._restore(self._applied)
             raise
+        if self.memory is not None:
+            self.memory.absorb(entry)
         result = EditResult(
             edit_id=next(self._ids),
             pairs=pairs,
@@ -158,6 +274,7 @@ class Editor:
             loss=loss,
             seconds=time.perf_counter() - start,
             _factors=factors,
+            _memory=entry,
         )
         self._applied.append(result)
         return result
@@ -176,13 +293,19 @@ class Editor:
 
     @torch.no_grad()
     def _restore(self, keep: list[EditResult]) -> None:
-        """Set the weights to the originals plus the updates of ``keep``, replayed in order."""
+        """Set the weights to the originals plus the updates of ``keep``, replayed in order; the
+        memory likewise to what it was then plus the entries of ``keep``."""
         if self._originals is None:
             return
         for name, original in self._originals.items():
             self._params[name].copy_(original)
         for result in keep:
             self._apply({name: update_from(*f) for name, f in result._factors.items()})
+        if self.memory is not None and self._memory_base is not None:
+            self.memory.load_tensors(self._memory_base)
+            for result in keep:
+                if result._memory is not None:
+                    self.memory.absorb(result._memory)
 
     def revert(self, result: EditResult | None = None) -> None:
         """Undo every edit (default), or one edit given by its result; weights return bit for bit
@@ -190,7 +313,7 @@ class Editor:
         if result is None:
             self._restore([])
             self._applied.clear()
-            self._originals = None  # the next edit snapshots the weights as they are then
+            self._originals = self._memory_base = None  # the next edit snapshots the weights as they are then
             return
         if not isinstance(result, EditResult):
             raise TypeError(f"revert takes an EditResult returned by edit/edit_many, or nothing; got "
@@ -202,7 +325,7 @@ class Editor:
         self._restore(keep)
         self._applied = keep
         if not keep:
-            self._originals = None
+            self._originals = self._memory_base = None
 
     @contextlib.contextmanager
     def edited(self, prompt: str, target: str):
@@ -221,14 +344,17 @@ class Editor:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
-        """Write ``editor.safetensors`` and ``editor.yaml`` to the directory ``path``, atomically."""
+        """Write ``editor.safetensors`` and ``editor.yaml`` to the directory ``path``, atomically; a
+        lifelong editor also writes its memory (``memory.safetensors``) and loads as lifelong."""
         from . import __version__
 
         path = Path(path)
+        editor_meta = OmegaConf.to_container(self.networks.config, enum_to_str=True)
+        editor_meta.update(aggregation=self.aggregation.value, lifelong=self.remembers)
         meta = {
             "format_version": FORMAT_VERSION,
             "mend_version": __version__,
-            "editor": OmegaConf.to_container(self.networks.config, enum_to_str=True),
+            "editor": editor_meta,
             "model": {
                 **OmegaConf.to_container(self.model_config),
                 "identity": model_identity(self.model),
@@ -242,15 +368,25 @@ class Editor:
 
         def write(staging):
             save_tensors(self.networks.state_dict(), Path(staging) / WEIGHTS_FILE)
+            if self.memory is not None:
+                save_tensors(self.memory.tensors(), Path(staging) / MEMORY_FILE)
+            if self.preserved:
+                save_tensors(self.preserved, Path(staging) / PRESERVED_FILE)
             save_yaml(meta, Path(staging) / CONFIG_FILE)
 
         atomic_write_dir(path, write)
         return path
 
     @classmethod
-    def load(cls, path, model=None, tokenizer=None, *, device=None) -> "Editor":
+    def load(cls, path, model=None, tokenizer=None, *, device=None, aggregation: str | None = None,
+             lifelong: bool | None = None) -> "Editor":
         """Load an editor saved by `save`. Without ``model``, the base model it was trained for is
-        loaded. A model that is not the one the editor was trained for is refused (CheckpointError)."""
+        loaded. A model that is not the one the editor was trained for is refused (CheckpointError).
+
+        ``aggregation`` and ``lifelong`` default to what was saved: an editor saved as lifelong loads
+        remembering, with its memory. ``lifelong=False`` loads it stateless (the memory is ignored).
+        The memory describes edits made to the model it was saved from; a fresh base model does not
+        carry them."""
         path = recover_dir(path)
         if not path.is_dir():
             raise CheckpointError(f"editor checkpoint {path} is not a directory")
@@ -286,9 +422,22 @@ class Editor:
             missing, unexpected = networks.load_state_dict(state, strict=False)
         except RuntimeError as error:  # tensor shapes that do not match the config
             raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: {error}") from None
+        missing = [name for name in missing if name not in ADDED_PARAMETERS]
         if missing or unexpected:
             raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
-        return cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg)
+        editor = cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg,
+                     aggregation=aggregation, lifelong=lifelong)
+        if editor.memory is not None and (path / MEMORY_FILE).is_file():
+            try:
+                editor.memory.load_tensors(load_tensors(path / MEMORY_FILE, editor.device))
+            except ValueError as error:
+                raise CheckpointError(f"{path / MEMORY_FILE} does not fit this editor: {error}") from None
+        if (path / PRESERVED_FILE).is_file():
+            try:
+                editor.preserved = check_moments(load_tensors(path / PRESERVED_FILE, editor.device), editor.targets)
+            except ValueError as error:
+                raise CheckpointError(f"{path / PRESERVED_FILE} does not fit this editor: {error}") from None
+        return editor
 
 
 def _check_same_model(path, identity: dict, saved_targets: list[dict], model) -> None:

@@ -71,6 +71,21 @@ class RunningNorm(nn.Module):
         for buffer, value in zip(self._get(prefix), (count, mean, m2)):
             buffer.copy_(value)
 
+    @torch.no_grad()
+    def merge(self, n: int, batch_mean: torch.Tensor, batch_m2: torch.Tensor) -> None:
+        """Merge the statistics (count, mean (d,), m2 (d,)) of a batch of rows into the running ones."""
+        if n == 0:
+            return
+        count = torch.tensor(float(n), dtype=torch.float64, device=self.mean.device)
+        self._set("", *merge_moments(*self._get(""), count, batch_mean.to(self.mean), batch_m2.to(self.m2)))
+
+    def merged_with(self, other: "RunningNorm") -> "RunningNorm":
+        """A new RunningNorm holding the statistics of every row this one and ``other`` have seen."""
+        out = RunningNorm(self.mean.shape[0]).to(self.mean.device)
+        out.merge(int(self.count), self.mean, self.m2)
+        out.merge(int(other.count), other.mean, other.m2)
+        return out
+
     def std(self) -> torch.Tensor:
         """(d,) standard deviation; ones until two rows have been seen."""
         if self.count < 2:
@@ -111,6 +126,15 @@ def merge_across_processes(module: nn.Module) -> None:
         norm._set("fresh_", torch.zeros_like(norm.fresh_count), torch.zeros_like(norm.fresh_mean),
                   torch.zeros_like(norm.fresh_m2))
         offset += part.numel()
+
+
+def row_stats(rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean (d,), m2 (d,)) of rows (N, d) in float64: what `RunningNorm.merge` takes."""
+    rows = rows.detach().to(torch.float64).reshape(-1, rows.shape[-1])
+    if rows.shape[0] == 0:
+        return 0, rows.new_zeros(rows.shape[1]), rows.new_zeros(rows.shape[1])
+    mean = rows.mean(0)
+    return rows.shape[0], mean, ((rows - mean) ** 2).sum(0)
 
 
 class LowRankResidualBlock(nn.Module):
@@ -164,13 +188,18 @@ class EditorNetwork(nn.Module):
         std = norm.std().to(x.dtype)
         return (x - norm.mean.to(x.dtype)) / std, std
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int):
-        """u: (N, d_in), delta: (N, d_out) -> (u~ (N, d_in), delta~ (N, d_out))."""
-        if self.training and self.normalize:
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int, norms=None):
+        """u: (N, d_in), delta: (N, d_out) -> (u~ (N, d_in), delta~ (N, d_out)).
+
+        ``norms``: (u_norm, delta_norm) to standardise with instead of the network's own (a lifelong
+        editor's statistics, `mend.memory`); the network's own are then left alone.
+        """
+        if self.training and self.normalize and norms is None:
             self.u_norm.update(u)
             self.delta_norm.update(delta)
-        u_std_in, u_std = self._standardise(u, self.u_norm)
-        d_std_in, d_std = self._standardise(delta, self.delta_norm)
+        u_norm, delta_norm = norms if norms is not None else (self.u_norm, self.delta_norm)
+        u_std_in, u_std = self._standardise(u, u_norm)
+        d_std_in, d_std = self._standardise(delta, delta_norm)
         z = torch.cat([u_std_in, d_std_in], dim=-1)  # (N, d_in + d_out)
         h = z
         for block in self.blocks:
@@ -187,8 +216,10 @@ class EditorNetwork(nn.Module):
 class MendNetworks(nn.Module):
     """All editor networks of one editor plus the per-matrix step sizes.
 
-    Parameters: ``networks`` (one per weight shape, or per matrix when ``share`` is off) and
-    ``log_lrs`` (n_targets,), the log of each matrix's step size ``lr_l``.
+    Parameters: ``networks`` (one per weight shape, or per matrix when ``share`` is off),
+    ``log_lrs`` (n_targets,), the log of each matrix's step size ``lr_l``, and ``log_ridges``
+    (n_targets,), the log of each matrix's ridge regulariser relative to its mean squared key norm
+    (`mend.aggregate`; unused when ``aggregation`` is ``sum``).
     """
 
     def __init__(self, targets: list[EditTarget], config=None):
@@ -220,24 +251,33 @@ class MendNetworks(nn.Module):
         self.networks = nn.ModuleDict(networks)
         init = torch.full((len(self.targets),), math.log(self.config.init_lr))
         self.log_lrs = nn.Parameter(init)
+        self.log_ridges = nn.Parameter(torch.full((len(self.targets),), math.log(self.config.ridge)))
 
     def step_sizes(self) -> dict[str, torch.Tensor]:
         """lr_l of every edited matrix, by parameter name."""
         lrs = self.log_lrs.exp()
         return {t.name: lrs[i] for i, t in enumerate(self.targets)}
 
-    def transform(self, name: str, u: torch.Tensor, delta: torch.Tensor):
-        """Run one matrix's factors through its network: (u~, delta~)."""
-        network = self.networks[self.network_of[name]]
-        return network(u.float(), delta.float(), self.mode_of[name])
+    def ridges(self) -> dict[str, torch.Tensor]:
+        """The relative ridge regulariser rho_l of every edited matrix, by parameter name."""
+        ridges = self.log_ridges.exp()
+        return {t.name: ridges[i] for i, t in enumerate(self.targets)}
 
-    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple]:
+    def transform(self, name: str, u: torch.Tensor, delta: torch.Tensor, norms: dict | None = None):
+        """Run one matrix's factors through its network: (u~, delta~). ``norms``: network key ->
+        (u_norm, delta_norm) to standardise with instead of the networks' own statistics."""
+        key = self.network_of[name]
+        network = self.networks[key]
+        return network(u.float(), delta.float(), self.mode_of[name], None if norms is None else norms[key])
+
+    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    norms: dict | None = None) -> dict[str, tuple]:
         """Every matrix's transformed factors and step size: name -> (u~ (N, d_in), delta~ (N, d_out), lr_l)."""
         lrs = self.step_sizes()
         out = {}
         for target in self.targets:
             u, delta = factors[target.name]
-            out[target.name] = (*self.transform(target.name, u, delta), lrs[target.name])
+            out[target.name] = (*self.transform(target.name, u, delta, norms), lrs[target.name])
         return out
 
     def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

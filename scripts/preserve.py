@@ -1,0 +1,41 @@
+"""Make a lifelong editor from a trained one: remember preserved knowledge, save it loadable as lifelong.
+
+    python scripts/preserve.py --editor runs/counterfact/best --data ../shared/data/counterfact/train.json \
+        --limit 2000 --out runs/counterfact/lifelong
+
+The preserved knowledge is the key second moment E[u u^T] of every edited matrix over generic text,
+here the locality probes (prompt and answer) of ``--data``: facts the edits must leave alone. Every
+later solve keeps it with weight ``editor.preserve_weight`` (`mend.memory`). The saved editor loads
+remembering (`mend.Editor.load(out).remembers`), with an empty edit memory; its stateless variants
+(`mend eval --methods mend`) keep the preserved knowledge too.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import mend
+from mend.data import load_records
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--editor", required=True, help="a trained editor directory")
+    parser.add_argument("--data", required=True, help="records whose locality probes are the preserved text")
+    parser.add_argument("--limit", type=int, default=2000, help="records to read")
+    parser.add_argument("--out", required=True, help="where to save the lifelong editor")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    editor = mend.Editor.load(args.editor, lifelong=True, device=args.device)
+    records = load_records(args.data, limit=args.limit)
+    texts = [f"{probe.prompt} {probe.answer}" for record in records for probe in record.locality]
+    if not texts:
+        raise SystemExit(f"{args.data} has no locality probes to preserve")
+    editor.preserve(texts)
+    editor.save(args.out)
+    print(f"preserved the keys of {len(texts)} texts; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Aggregation: the facts of one edit become one low-rank update per edited matrix.
+
+Fact i brings keys ``U_i`` (n_i, d_in), its transformed layer inputs u~, and the editor's
+transformed output gradients ``D_i`` (n_i, d_out), so that its own MEND update is
+``dW_i = -lr D_i^T U_i``. Its value shifts are what that update does to its own keys:
+
+    V_i = U_i dW_i^T = -lr (U_i U_i^T) D_i                                        (n_i, d_out)
+
+``sum`` (the MEND paper) adds the facts' updates, ``dW = sum_i dW_i``. ``ridge`` (MALMEN's normal
+equation) finds the one matrix that maps every fact's keys to its value shifts, in least squares:
+
+    dW = argmin_S  sum_i ||U_i S^T - V_i||^2 + lambda ||S||^2 + tr(S C S^T)
+       = V^T (U U^T + lambda I_n)^-1 U                 C = 0, n x n solve (push-through form)
+       = V^T U (U^T U + C + lambda I_d)^-1             any C, d_in x d_in solve
+
+U and V stack the facts' keys and values; ``lambda = rho_l * mean_t ||u~_t||^2`` with rho_l learned
+per matrix (`MendNetworks.ridges`); C is the key second moment a lifelong editor remembers
+(`mend.memory`: earlier edits' keys, preserved knowledge), which makes the new update leave the
+outputs at those keys alone. Both forms keep MEND's low-rank shape ``dW = -lr D'^T K``:
+
+    n-space:  K = U,                              D' = (U U^T + lambda I)^-1 G D
+    d-space:  K = U (U^T U + C + lambda I)^-1,    D' = G D
+
+with ``G = blockdiag_i(U_i U_i^T)`` (n, n), so an aggregated edit is applied, replayed and added to
+rows by hooks (`mend.grouped_edit`) exactly like a single one. What the maths says:
+
+* one fact whose keys are linearly independent: as lambda -> 0, D' -> D, the edit is MEND's;
+* facts with mutually orthogonal keys: U U^T = G, each fact's block solves on its own, so every
+  fact's keys are mapped exactly as its own aggregated update maps them;
+* k copies of one fact: the solution of one copy with lambda / k; the sum would move it k times.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Aggregation
+from .grouped_edit import pad_by_group
+
+
+def ridge_lambda(keys: torch.Tensor, rho: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``rho * mean ||k||^2`` over the (valid) keys, the scale detached: keys (..., n, d) -> (...)."""
+    norms = keys.detach().double().pow(2).sum(-1)  # (..., n)
+    if valid is None:
+        mean = norms.mean(-1)
+    else:
+        mean = (norms * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    return rho.double() * mean.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def solve_spd(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``lhs^-1 rhs`` for symmetric positive definite ``lhs`` (..., m, m), by Cholesky; a system that
+    is not (NaN or inf in it) gives NaN, never an exception, so the caller's finite check sees it."""
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    out = torch.cholesky_solve(rhs, chol)
+    bad = (info != 0)[..., None, None] if info.dim() else info != 0
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
+    """``G D``: each position's (U_i U_i^T D_i) row within its own fact, float64 (n, d_out).
+
+    keys (n, d_in), deltas (n, d_out), facts (n,) fact index of each position.
+    """
+    n_facts = int(facts.max()) + 1 if facts.numel() else 0
+    k = pad_by_group(keys.double(), facts, n_facts)  # (F, m, d_in)
+    d = pad_by_group(deltas.double(), facts, n_facts)  # (F, m, d_out)
+    gd = torch.bmm(torch.bmm(k, k.transpose(1, 2)), d)  # (F, m, d_out)
+    order = torch.argsort(facts, stable=True)
+    counts = torch.bincount(facts, minlength=n_facts)
+    slot = torch.arange(facts.numel(), device=facts.device) - (torch.cumsum(counts, 0) - counts)[facts[order]]
+    out = gd.new_zeros(facts.numel(), deltas.shape[-1])
+    out[order] = gd[facts[order], slot]
+    return out
+
+
+def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, facts: torch.Tensor, *,
+                    aggregation: Aggregation, rho: torch.Tensor, moment: torch.Tensor | None = None,
+                    space: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One matrix's update from every fact of an edit: (K (n, d_in), D' (n, d_out), lr), dW = -lr D'^T K.
+
+    Args:
+        keys: (n, d_in) transformed inputs u~ of every captured position of every fact.
+        deltas: (n, d_out) transformed output gradients delta~ of the same positions.
+        facts: (n,) the fact each position belongs to.
+        rho: the matrix's relative ridge regulariser (scalar).
+        moment: (d_in, d_in) key second moment C to keep in the solve (lifelong), or None.
+        space: "n" or "d" forces a form of the solve (tests); "auto" takes the smaller one.
+    """
+    if Aggregation(aggregation) == Aggregation.sum:
+        return keys, deltas, lr
+    n, d_in = keys.shape
+    lam = ridge_lambda(keys, rho)
+    k64 = keys.double()
+    if space == "n" or (space == "auto" and moment is None and n <= d_in):
+        if moment is not None:
+            raise ValueError("a solve with a key moment C is only in d_in space (space='d' or 'auto')")
+        gram = k64 @ k64.t()  # (n, n)
+        values = (gram * (facts[:, None] == facts[None, :])) @ deltas.double()  # (n, d_out) = G D
+        gram.diagonal().add_(lam)
+        return keys, solve_spd(gram, values).to(deltas.dtype), lr
+    lhs = moment.to(torch.float64, copy=True) if moment is not None else k64.new_zeros(d_in, d_in)
+    lhs.addmm_(k64.t(), k64).diagonal().add_(lam)  # (d_in, d_in) = U^T U + C + lam I
+    k_new = solve_spd(lhs, k64.t()).t()  # (n, d_in) = U (U^T U + C + lam I)^-1
+    return k_new.to(keys.dtype), own_values(keys, deltas, facts).to(deltas.dtype), lr
+
+
+def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr: torch.Tensor, *,
+                      aggregation: Aggregation, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The n-space solve for G independent edits at once, differentiable (meta-training).
+
+    Args:
+        keys: (G, n, d_in), deltas: (G, n, d_out), zero-padded per group (`pad_by_group`).
+        facts: (G, n) the fact of each position, -1 on padding.
+
+    Returns:
+        (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.grouped_edits`. Padding rows
+        stay zero: their row of U U^T + lambda I is lambda on the diagonal and their value is zero.
+    """
+    if Aggregation(aggregation) == Aggregation.sum:
+        return keys, deltas, lr
+    valid = facts >= 0  # (G, n)
+    k64, d64 = keys.double(), deltas.double()
+    gram = torch.bmm(k64, k64.transpose(1, 2))  # (G, n, n)
+    same = (facts[:, :, None] == facts[:, None, :]) & valid[:, :, None]  # (G, n, n)
+    values = torch.bmm(gram * same, d64)  # (G, n, d_out) = G D per group
+    lam = ridge_lambda(keys, rho, valid)  # (G,)
+    eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
+    lhs = gram + lam[:, None, None] * eye  # (G, n, n)
+    d_new = solve_spd(lhs, values)  # (G, n, d_out)
+    return keys, d_new.to(deltas.dtype), lr
+
+
+def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: int, aggregation=None) -> dict:
+    """Transform a capture's factors and aggregate each edit group's facts (one batch row = one fact):
+    name -> (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.grouped_edits`.
+
+    With ``aggregation`` sum this is the plain per-group padding of the transformed factors. The
+    capture should give every fact its own loss (``row_groups`` = one group per row), so that no
+    fact's gradient is divided by the number of facts in its edit.
+    """
+    aggregation = Aggregation(aggregation if aggregation is not None else networks.config.aggregation)
+    position_groups = groups_of_rows[capture.rows]  # (N,)
+    facts = pad_by_group((capture.rows + 1).double()[:, None], position_groups, n_groups)[..., 0].long() - 1  # (G, n)
+    ridges = networks.ridges()
+    out = {}
+    for name, (u_t, delta_t, lr) in networks.transformed(capture.factors).items():
+        keys = pad_by_group(u_t, position_groups, n_groups)  # (G, n, d_in)
+        deltas = pad_by_group(delta_t, position_groups, n_groups)  # (G, n, d_out)
+        out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name])
+    return out

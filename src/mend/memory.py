@@ -1,0 +1,202 @@
+"""What a lifelong editor remembers across edits: statistics that keep updating and key moments.
+
+For every edited matrix (d_in x d_in, float32), only a second moment, never prompts:
+
+    edits[l] = sum over every position t of every remembered edit of u_t u_t^T     (raw layer inputs)
+
+The ridge solve of the next edit (`mend.aggregate`) adds
+
+    C_l = memory_weight * edits[l] + preserve_weight * preserved[l]
+
+to its normal equation, ``preserved[l]`` being the editor's preserved knowledge, E[u u^T] over
+generic text (`key_moments`, `Editor.preserve`; any editor may hold it, lifelong or not). A new
+update is so pushed to leave the outputs at earlier edits' inputs and at generic text alone
+(AlphaEdit / UltraEdit, here as a penalty in one ridge solve rather than a null-space projection).
+Without preserved knowledge the solve may reach its fit through directions generic text uses, so a
+lifelong editor should be given some.
+
+For every editor network, the rows (u, delta) seen at edit time are merged into running statistics; the network standardises with its trained statistics merged with these
+(lifelong normalisation). Each edit is absorbed after it is applied, so the first edit of an empty
+memory is exactly the stateless edit.
+
+Each edit's contribution is a `MemoryEntry`; the memory as it was plus the entries of the edits
+kept, replayed in order, rebuild it exactly, which is how `Editor.revert` keeps it bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .networks import RunningNorm, row_stats
+from .targets import EditTarget
+
+
+@dataclass
+class MemoryEntry:
+    """What one edit adds to a memory.
+
+    Attributes:
+        keys: name -> (n, d_in) the raw layer inputs of the edit's captured positions.
+        stats: (network key, u row stats, delta row stats) per matrix and capture chunk, in the
+            order they are merged; row stats are `mend.networks.row_stats` triples.
+    """
+
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    def add(self, name: str, network_key: str, u: torch.Tensor, delta: torch.Tensor) -> None:
+        """Record one chunk's raw factors of matrix ``name``: u (n, d_in), delta (n, d_out)."""
+        previous = self.keys.get(name)
+        u = u.detach().float()
+        self.keys[name] = u if previous is None else torch.cat([previous, u])
+        self.stats.append((network_key, row_stats(u), row_stats(delta)))
+
+
+class EditMemory:
+    """The lifelong state of one editor: see the module docstring.
+
+    Args:
+        targets: the editor's matrices.
+        network_of: name -> key of the editor network serving it (`MendNetworks.network_of`).
+        widths: network key -> (d_in, d_out).
+    """
+
+    def __init__(self, targets: list[EditTarget], network_of: dict[str, str], widths: dict[str, tuple[int, int]],
+                 device=None):
+        self.targets = list(targets)
+        self.network_of = dict(network_of)
+        self.widths = dict(widths)
+        self.device = torch.device(device or "cpu")
+        self.reset()
+
+    @classmethod
+    def for_networks(cls, networks, device=None) -> "EditMemory":
+        widths = {key: (net.d_in, net.d_out) for key, net in networks.networks.items()}
+        return cls(networks.targets, networks.network_of, widths, device)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every edit (statistics and key moments)."""
+        self.n_edits = 0
+        self.edits: dict[str, torch.Tensor] = {}  # allocated by the first edit that reaches a matrix
+        self.norms = {key: (RunningNorm(d_in).to(self.device), RunningNorm(d_out).to(self.device))
+                      for key, (d_in, d_out) in self.widths.items()}
+
+    def absorb(self, entry: MemoryEntry) -> None:
+        """Add one edit's keys and statistics."""
+        for name, keys in entry.keys.items():
+            keys = keys.to(self.device)
+            moment = keys.t() @ keys  # (d_in, d_in)
+            self.edits[name] = moment if name not in self.edits else self.edits[name] + moment
+        for key, u_stats, delta_stats in entry.stats:
+            u_norm, delta_norm = self.norms[key]
+            u_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in u_stats))
+            delta_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in delta_stats))
+        self.n_edits += 1
+
+    def moment(self, name: str) -> torch.Tensor | None:
+        """The remembered key moment of matrix ``name`` (d_in, d_in), or None before any edit reached it."""
+        return self.edits.get(name)
+
+    def norms_for(self, networks) -> dict[str, tuple[RunningNorm, RunningNorm]] | None:
+        """Network key -> (u norm, delta norm): trained statistics merged with the edit-time ones;
+        None while no edit has been absorbed (the networks' own statistics are then exactly these)."""
+        if self.n_edits == 0:
+            return None
+        out = {}
+        for key, network in networks.networks.items():
+            u_norm, delta_norm = self.norms[key]
+            out[key] = (network.u_norm.merged_with(u_norm), network.delta_norm.merged_with(delta_norm))
+        return out
+
+    # ------------------------------------------------------------------ snapshots and files
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the memory by a flat name (safetensors), copies."""
+        out = {"n_edits": torch.tensor(self.n_edits, dtype=torch.int64)}
+        for name, moment in self.edits.items():
+            out[f"edits.{name}"] = moment.clone()
+        for key, (u_norm, delta_norm) in self.norms.items():
+            for side, norm in (("u", u_norm), ("delta", delta_norm)):
+                for stat in ("count", "mean", "m2"):
+                    out[f"norms.{key}.{side}.{stat}"] = getattr(norm, stat).clone()
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the memory to ``tensors`` (from `tensors`); a name it does not know is an error."""
+        names = {t.name: t for t in self.targets}
+        self.reset()
+        for flat, value in tensors.items():
+            value = value.to(self.device)
+            kind, _, rest = flat.partition(".")
+            if flat == "n_edits":
+                self.n_edits = int(value)
+            elif kind == "edits" and rest in names:
+                d_in = names[rest].d_in
+                if tuple(value.shape) != (d_in, d_in):
+                    raise ValueError(f"memory tensor {flat} has shape {tuple(value.shape)}, expected ({d_in}, {d_in})")
+                self.edits[rest] = value.clone()
+            elif kind == "norms":
+                key, side, stat = rest.rsplit(".", 2)
+                if key not in self.norms or side not in ("u", "delta") or stat not in ("count", "mean", "m2"):
+                    raise ValueError(f"unknown memory tensor {flat!r}")
+                norm = self.norms[key][0 if side == "u" else 1]
+                if getattr(norm, stat).shape != value.shape:
+                    raise ValueError(f"memory tensor {flat} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(getattr(norm, stat).shape)}")
+                getattr(norm, stat).copy_(value)
+            else:
+                raise ValueError(f"unknown memory tensor {flat!r}")
+
+
+def check_moments(moments: dict[str, torch.Tensor], targets: list[EditTarget]) -> dict[str, torch.Tensor]:
+    """Float32 copies of ``moments`` (name -> (d_in, d_in)); a name or shape that does not fit is an error."""
+    by_name = {t.name: t for t in targets}
+    out = {}
+    for name, moment in moments.items():
+        if name not in by_name:
+            raise ValueError(f"no edited matrix named {name!r}; the editor edits {sorted(by_name)}")
+        d_in = by_name[name].d_in
+        if tuple(moment.shape) != (d_in, d_in):
+            raise ValueError(f"the key moment of {name} must be ({d_in}, {d_in}), got {tuple(moment.shape)}")
+        out[name] = moment.detach().float().clone()
+    return out
+
+
+@torch.no_grad()
+def key_moments(model, targets: list[EditTarget], tokenizer, texts: list[str], *, max_length: int = 128,
+                batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """E[u u^T] of every target matrix's raw input over the tokens of ``texts`` (generic text, for the
+    preserved-knowledge term): name -> (d_in, d_in) float32. One forward per batch, no backward."""
+    from .capture import ModuleRecorder
+
+    if isinstance(texts, str) or not texts:
+        raise ValueError("texts must be a non-empty list of strings")
+    device = next(model.parameters()).device
+    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    count = 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        rows = [tokenizer(text)["input_ids"][:max_length] for text in texts[start : start + batch_size]]
+        rows = [r for r in rows if r]
+        if not rows:
+            continue
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with ModuleRecorder(model, targets) as recorder:
+            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False,
+                  logits_to_keep=1)
+        real = mask.bool()
+        for target in targets:
+            u = recorder.inputs[target.name][real].double()  # (tokens, d_in)
+            sums[target.name] += u.t() @ u
+        count += int(real.sum())
+    if count == 0:
+        raise ValueError("the texts tokenise to nothing")
+    return {name: (s / count).float() for name, s in sums.items()}
