@@ -61,8 +61,9 @@ def parameters(networks) -> dict[str, torch.Tensor]:
 
 def trainer_optimizer(networks) -> torch.optim.Adam:
     """An optimiser with the trainer's parameter groups (networks, then step sizes), to load state into."""
-    return torch.optim.Adam([{"params": [p for n, p in networks.named_parameters() if n != "log_lrs"]},
-                             {"params": [networks.log_lrs]}])
+    return torch.optim.Adam([{"params": [p for n, p in networks.named_parameters()
+                                         if n not in ("log_lrs", "log_ridges")]},
+                             {"params": [networks.log_lrs, networks.log_ridges]}])
 
 
 def steps(log, split) -> list[int]:

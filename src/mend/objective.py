@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .aggregate import grouped_updates
 from .capture import capture_rank1
 from .grouped_edit import grouped_edits, pad_by_group
 from .meta_batch import MetaBatch, token_kinds
@@ -65,12 +66,12 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     """Loss and metrics of one batch of independent edits; backward through it trains the editor."""
     device = batch.pre.input_ids.device
     with _from_prefix(model, batch, "pre"):
-        capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), batch.pre_groups,
-                                bf16=bf16)
+        own_loss = torch.arange(len(batch.pre), device=device)  # every fact its own loss: none divided by n_edits
+        capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), own_loss, bf16=bf16)
     pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
     pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
 
-    edits = group_edits(networks, capture, batch.pre_groups, batch.n_groups)
+    edits = grouped_updates(networks, capture, batch.pre_groups, batch.n_groups)  # editor.aggregation
     with grouped_edits(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
             autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit

@@ -83,10 +83,12 @@ class TrainResult:
 
 
 def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
-    """Adam on the editor networks (``train.lr``) and on the log step sizes (``train.lr_lr``)."""
-    network_params = [p for n, p in networks.named_parameters() if n != "log_lrs"]
+    """Adam on the editor networks (``train.lr``) and on the log step sizes and log ridge regularisers
+    (``train.lr_lr``)."""
+    network_params = [p for n, p in networks.named_parameters() if n not in ("log_lrs", "log_ridges")]
     return torch.optim.Adam(
-        [{"params": network_params, "lr": cfg.train.lr}, {"params": [networks.log_lrs], "lr": cfg.train.lr_lr}]
+        [{"params": network_params, "lr": cfg.train.lr},
+         {"params": [networks.log_lrs, networks.log_ridges], "lr": cfg.train.lr_lr}]
     )
 
 
