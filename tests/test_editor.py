@@ -135,7 +135,7 @@ def test_untrained_accepts_a_loaded_config(tmp_path):
 
 
 # ---------------------------------------------------------------- exact revert
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_revert_restores_every_weight_bit_for_bit(family, unchanged):
     editor = untrained(family, init_lr=STEP)
     original = unchanged(editor.model)
@@ -149,7 +149,7 @@ def test_revert_restores_every_weight_bit_for_bit(family, unchanged):
     original()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_reverting_a_middle_edit_replays_the_others_exactly(family, unchanged):
     editor = untrained(family, init_lr=STEP)
     params = dict(editor.model.named_parameters())
