@@ -1,6 +1,6 @@
 """Time one MEND edit against three passes of the base model on the same (prompt, target) input.
 
-    python scripts/bench_edit.py [--editor DIR] [--repeats 30] [--device cpu|cuda]
+    python scripts/bench_edit.py [--model smollm2-135m|gemma3-270m|DIR] [--editor DIR] [--repeats 30] [--device cpu|cuda]
 
 Prints, per device, the median time of `Editor.edit` (forward, backward through the edited blocks,
 editor pass, applying the update; reverting is not timed) and of three denominators:
@@ -47,8 +47,8 @@ def median_ms(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def bench(device: torch.device, editor_dir, repeats: int, data: str) -> dict:
-    model, tokenizer = mend.load_base_model("smollm2-135m", device=device)
+def bench(device: torch.device, model_name: str, editor_dir, repeats: int, data: str) -> dict:
+    model, tokenizer = mend.load_base_model(model_name, device=device)
     editor = mend.Editor.load(editor_dir, model, tokenizer) if editor_dir else mend.Editor.untrained(model, tokenizer)
     records = load_records(data)[:repeats + 3]
     edit_times = []
@@ -103,6 +103,7 @@ def bench(device: torch.device, editor_dir, repeats: int, data: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="base model: an embedded name, hub id or directory")
     parser.add_argument("--editor", help="a trained editor directory (default: an untrained editor; same cost)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
@@ -112,7 +113,7 @@ def main():
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices = [torch.device("cuda")] if args.device == "cuda" else devices + [torch.device("cuda")]
     for device in devices:
-        r = bench(device, args.editor, args.repeats, args.data)
+        r = bench(device, args.model, args.editor, args.repeats, args.data)
         print(f"{r['device']} ({r['threads']} threads): edit {r['edit_ms']:.1f} ms\n"
               f"  fine-tuning forward+backward (all parameters, full logits) {r['fwd_bwd_ms']:.1f} ms: "
               f"edit / this = {r['ratio']:.2f}\n"

@@ -17,7 +17,7 @@ from tiny_models import tiny_model  # noqa: E402
 from mend.scoring import mean_nll, target_logits  # noqa: E402
 
 # Every architecture family mend supports, each as a tiny randomly initialised model.
-FAMILIES = ["gpt2", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "gptj", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "gemma3"]
 
 torch.set_num_threads(1)  # tiny models; keep CPU use modest and results reproducible
 

@@ -118,7 +118,7 @@ def test_left_and_right_padding_give_the_same_target_logits(family, tiny):
     torch.testing.assert_close(right, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_target_logits_are_the_full_forward_at_predicting_positions(family, tiny):
     model, tokenizer = tiny
     batch = encode_pairs(tokenizer, PROMPTS, TARGETS, padding_side="left")

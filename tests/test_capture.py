@@ -39,12 +39,13 @@ def test_rank1_factors_sum_to_the_true_gradient(family, tiny, side, autograd_gra
         torch.testing.assert_close(rank1_gradient(capture, target), reference, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_the_invariant_holds_for_explicit_targets_outside_the_mlp(family, tiny, autograd_gradients):
     model, tokenizer = tiny
     names = {
         "gpt2": ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_proj.weight"],
         "llama": ["model.layers.0.self_attn.v_proj.weight", "model.layers.2.mlp.up_proj.weight"],
+        "gemma3": ["model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"],
     }[family]
     targets = resolve_targets(model, names)
     batch = encode_pairs(tokenizer, PROMPTS, TARGETS)
@@ -99,7 +100,7 @@ def test_capture_leaves_no_gradients_and_no_hooks(family, tiny):
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gemma3"])
 @pytest.mark.parametrize("lowest", [1, 2])
 def test_backward_stops_at_the_lowest_edited_block(family, tiny, lowest):
     """No activation below the lowest edited block is part of the autograd graph, so the backward

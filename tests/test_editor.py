@@ -143,7 +143,7 @@ def test_untrained_accepts_a_loaded_config(tmp_path):
 
 
 # ---------------------------------------------------------------- exact revert
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_revert_restores_every_weight_bit_for_bit(family, unchanged):
     editor = untrained(family, init_lr=STEP)
     original = unchanged(editor.model)
@@ -157,7 +157,7 @@ def test_revert_restores_every_weight_bit_for_bit(family, unchanged):
     original()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_reverting_a_middle_edit_replays_the_others_exactly(family, unchanged):
     editor = untrained(family, init_lr=STEP)
     params = dict(editor.model.named_parameters())

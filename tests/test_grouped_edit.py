@@ -56,7 +56,7 @@ def standalone_logits(model, networks, tokenizer, batch, rows: list[int]) -> tor
         return target_logits(model, batch, params)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_each_row_sees_exactly_its_own_standalone_edit(family):
     model, tokenizer = tiny_model(family)
     networks = trained_looking_networks(model)
@@ -75,7 +75,7 @@ def test_each_row_sees_exactly_its_own_standalone_edit(family):
         assert not torch.allclose(grouped[others], reference[others], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_groups_of_several_rows_share_one_edit(family):
     model, tokenizer = tiny_model(family)
     networks = trained_looking_networks(model)

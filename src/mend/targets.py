@@ -24,6 +24,8 @@ MLP_LAYOUTS = {
     "mistral": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    # GeGLU MLP (gelu(gate) * up -> down) between pre- and post-feed-forward RMSNorms
+    "gemma3_text": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff")
 
@@ -69,12 +71,22 @@ class EditTarget:
 
 
 def find_blocks(model: nn.Module):
-    """Return ``(prefix, ModuleList)`` of the transformer blocks, found from the structure."""
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    """Return ``(prefix, ModuleList)`` of the transformer blocks, found from the structure.
+
+    In a multimodal model (e.g. Gemma 3's image-text class) the blocks are the language model's: the
+    search keeps to ``model.get_decoder()`` and counts layers by the text config.
+    """
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    in_decoder = {id(module) for module in decoder.modules()}
     candidates = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers)
+        and id(module) in in_decoder
     ]
     if not candidates:
         raise ValueError(
