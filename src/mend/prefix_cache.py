@@ -73,8 +73,8 @@ def encode_rows(tokenizer, rows, max_length: int) -> list[tuple[int, ...]]:
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
-    data = tensor.detach().to("cpu").contiguous()
-    digest.update(str((tuple(data.shape), str(data.dtype))).encode())
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
+    digest.update(str((tuple(tensor.shape), str(data.dtype))).encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
 
