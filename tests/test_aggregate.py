@@ -14,7 +14,7 @@ from mend.capture import capture_rank1
 from mend.config import Aggregation
 from mend.grouped_edit import pad_by_group
 from mend.networks import update_from
-from mend.objective import group_edits
+from mend.grouped_edit import pad_by_group
 from mend.scoring import mean_nll, target_logits
 from test_grouped_edit import trained_looking_networks
 from tiny_models import tiny_model
@@ -137,14 +137,16 @@ def test_each_group_of_the_grouped_solve_is_its_own_flat_solve():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_grouped_updates_with_sum_are_the_objectives_group_edits(family):
+def test_grouped_updates_with_sum_pad_each_groups_transformed_factors(family):
     model, tokenizer = tiny_model(family)
     networks = trained_looking_networks(model)
     batch = encode_pairs(tokenizer, ["Bees make", "Snow is", "Fish live in"], ["glue", "hot", "trees"])
     groups = torch.tensor([0, 0, 1])
     capture = capture_rank1(model, networks.targets, batch, row_groups=torch.arange(3))
     mine = grouped_updates(networks, capture, groups, 2, aggregation="sum")
-    theirs = group_edits(networks, capture, groups, 2)
+    position_groups = groups[capture.rows]
+    theirs = {name: (pad_by_group(u_t, position_groups, 2), pad_by_group(delta_t, position_groups, 2), lr)
+              for name, (u_t, delta_t, lr) in networks.transform_factors(capture.factors).items()}
     for name in theirs:
         for a, b in zip(mine[name], theirs[name]):
             torch.testing.assert_close(a, b)

@@ -83,9 +83,9 @@ def _without_last_real_token(mask):
 def test_last_needed_spans_real_tokens_up_to_the_last_prediction():
     # targets end each row, so every real token but the last one can influence the loss
     batch = encode_pairs(CharTokenizer(), PROMPTS, TARGETS, padding_side="right")
-    assert torch.equal(batch.last_needed, _without_last_real_token(batch.attention_mask))
+    assert torch.equal(batch.positions_with_gradient, _without_last_real_token(batch.attention_mask))
     left = encode_pairs(CharTokenizer(), PROMPTS, TARGETS, padding_side="left")
-    assert torch.equal(left.last_needed, _without_last_real_token(left.attention_mask))
+    assert torch.equal(left.positions_with_gradient, _without_last_real_token(left.attention_mask))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from mend import ConfigError, load_config
-from mend.config import GROUPS, MendConfig, Transform, default_config_dir, editor_config
+from mend.config import GROUPS, MendConfig, TransformedFactors, default_config_dir, editor_config
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_YAMLS = sorted(REPO_CONFIGS.glob("**/*.yaml"))
@@ -37,7 +37,7 @@ def test_every_yaml_in_configs_loads(path):
     for section, values in sections.items():
         for key, value in (values or {}).items():
             got = cfg[section][key]
-            got = got.value if isinstance(got, Transform) else got
+            got = got.value if isinstance(got, TransformedFactors) else got
             got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
             assert got == value, f"{relative}: {section}.{key} is {got!r}, the file says {value!r}"
 
@@ -74,7 +74,7 @@ def config_dir(tmp_path):
 def test_no_files_gives_the_schema_defaults(tmp_path):
     cfg = load_config(config_dir=tmp_path)
     assert cfg == OmegaConf.structured(MendConfig)
-    assert cfg.editor.transform == Transform.both and cfg.model.edit_params is None
+    assert cfg.editor.transform == TransformedFactors.both and cfg.model.edit_params is None
 
 
 def test_default_yaml_then_group_files_then_overrides(config_dir):
@@ -86,7 +86,7 @@ def test_default_yaml_then_group_files_then_overrides(config_dir):
     cfg = load_config(["editor=tiny", "editor.rank=9", "train.max_steps=3"], config_dir=config_dir)
     assert (cfg.editor.rank, cfg.editor.n_blocks, cfg.train.max_steps) == (9, 1, 3)
     cfg = load_config(["editor=ablation"], config_dir=config_dir)
-    assert (cfg.editor.transform, cfg.editor.share, cfg.editor.rank) == (Transform.u_only, False, 64)
+    assert (cfg.editor.transform, cfg.editor.share, cfg.editor.rank) == (TransformedFactors.u_only, False, 64)
 
 
 def test_an_extra_file_sits_between_defaults_and_overrides(config_dir, tmp_path):
@@ -165,7 +165,7 @@ def test_a_missing_extra_file_is_a_config_error(tmp_path):
 
 def test_editor_config_validates_plain_dicts():
     assert editor_config() == OmegaConf.structured(MendConfig).editor
-    assert editor_config({"rank": 8, "transform": "delta_only"}).transform == Transform.delta_only
+    assert editor_config({"rank": 8, "transform": "delta_only"}).transform == TransformedFactors.delta_only
     with pytest.raises(ConfigError, match="rnak"):
         editor_config({"rnak": 8})
 

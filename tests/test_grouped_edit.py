@@ -1,7 +1,7 @@
 """Grouped edits: one forward pass in which each group of rows sees its own edit W + dW.
 
 The reference for every row is the plain edited forward: capture that row's edit on its own, form
-``W + dW`` with `mend.objective.edited_params`, and run the model functionally with it.
+``W + dW`` with `edited_params` below, and run the model functionally with it.
 """
 
 from __future__ import annotations
@@ -11,12 +11,21 @@ import torch
 
 from mend.batching import encode_pairs
 from mend.capture import capture_rank1
-from mend.grouped_edit import grouped_edits, pad_by_group
+from mend.grouped_edit import edits_by_row_group, pad_by_group
 from mend.networks import MendNetworks
-from mend.objective import edited_params, group_edits
+from mend.aggregate import grouped_updates
 from mend.scoring import target_logits
 from mend.targets import resolve_targets
+from mend.targets import to_storage
 from tiny_models import tiny_model
+
+
+def edited_params(model, networks: MendNetworks, factors) -> dict[str, torch.Tensor]:
+    """The reference edit: parameter replacements ``W + dW`` for the edited matrices, for
+    ``torch.func.functional_call`` (differentiable in the networks)."""
+    params = dict(model.named_parameters())
+    updates = networks(factors)
+    return {t.name: params[t.name] + to_storage(updates[t.name], t).to(params[t.name].dtype) for t in networks.targets}
 
 PROMPTS = ["The Eiffel Tower is in", "Hi", "Bees make", "Snow is very", "Fish live in"]
 TARGETS = ["Rome", "there, friend", "glue", "hot", "trees"]
@@ -42,8 +51,8 @@ def grouped_logits(model, networks, batch, groups: torch.Tensor) -> torch.Tensor
     """(N, V) target logits of ``batch`` with each row under the edit of its group, in one pass."""
     n_groups = int(groups.max()) + 1
     capture = capture_rank1(model, networks.targets, batch, row_groups=groups)
-    edits = group_edits(networks, capture, groups, n_groups)
-    with torch.no_grad(), grouped_edits(model, networks.targets, edits, groups):
+    edits = grouped_updates(networks, capture, groups, n_groups, aggregation="sum")
+    with torch.no_grad(), edits_by_row_group(model, networks.targets, edits, groups):
         return target_logits(model, batch)
 
 
@@ -105,8 +114,8 @@ def test_grouped_forward_is_differentiable_in_the_editor_and_leaves_the_model_al
     batch = encode_pairs(tokenizer, PROMPTS[:2], TARGETS[:2])
     groups = torch.arange(2)
     capture = capture_rank1(model, networks.targets, batch, row_groups=groups)
-    edits = group_edits(networks, capture, groups, 2)
-    with grouped_edits(model, networks.targets, edits, groups):
+    edits = grouped_updates(networks, capture, groups, 2, aggregation="sum")
+    with edits_by_row_group(model, networks.targets, edits, groups):
         target_logits(model, batch).logsumexp(-1).sum().backward()
     assert networks.log_lrs.grad is not None and networks.log_lrs.grad.abs().sum() > 0
     check()
@@ -143,14 +152,14 @@ def test_hooks_are_removed_after_the_block_and_on_error():
     batch = encode_pairs(tokenizer, PROMPTS[:2], TARGETS[:2])
     groups = torch.arange(2)
     capture = capture_rank1(model, networks.targets, batch, row_groups=groups)
-    edits = group_edits(networks, capture, groups, 2)
+    edits = grouped_updates(networks, capture, groups, 2, aggregation="sum")
     with torch.no_grad():
         before = target_logits(model, batch)
-        with grouped_edits(model, networks.targets, edits, groups):
+        with edits_by_row_group(model, networks.targets, edits, groups):
             assert hook_counts(model, networks) == [1] * len(networks.targets)
         assert hook_counts(model, networks) == [0] * len(networks.targets)
         with pytest.raises(RuntimeError, match="boom"):
-            with grouped_edits(model, networks.targets, edits, groups):
+            with edits_by_row_group(model, networks.targets, edits, groups):
                 raise RuntimeError("boom")
         assert hook_counts(model, networks) == [0] * len(networks.targets)
         torch.testing.assert_close(target_logits(model, batch), before, rtol=0, atol=0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mend.config import Transform
+from mend.config import TransformedFactors
 from mend.networks import EditorNetwork, MendNetworks, RunningNorm, merge_moments
 from mend.targets import EditTarget
 
@@ -64,9 +64,9 @@ def reference_transform(network: EditorNetwork, u, delta, mode):
     change = h - z
     u_out = u + change[:, : u.shape[1]] * su
     delta_out = delta + change[:, u.shape[1] :] * sd
-    if network.transform == Transform.delta_only:
+    if network.transformed_factors == TransformedFactors.delta_only:
         u_out = u
-    if network.transform == Transform.u_only:
+    if network.transformed_factors == TransformedFactors.u_only:
         delta_out = delta
     return u_out.float(), delta_out.float()
 
@@ -81,7 +81,7 @@ def test_an_untrained_editor_is_exactly_the_identity(config, mode):
     inputs = factors()
     for target in TARGETS:
         u, delta = inputs[target.name]
-        u_t, delta_t = networks.transform(target.name, u, delta)
+        u_t, delta_t = networks.run_network(target.name, u, delta)
         assert torch.equal(u_t, u) and torch.equal(delta_t, delta)
     lrs = networks.step_sizes()
     updates = networks(inputs)
@@ -124,8 +124,8 @@ def test_a_perturbed_network_computes_the_mend_transform(config):
     inputs = factors()
     for target in TARGETS:
         network = networks.networks[networks.network_of[target.name]]
-        got = networks.transform(target.name, *inputs[target.name])
-        want = reference_transform(network, *inputs[target.name], networks.mode_of[target.name])
+        got = networks.run_network(target.name, *inputs[target.name])
+        want = reference_transform(network, *inputs[target.name], networks.member_of[target.name])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -276,7 +276,7 @@ def test_transform_switch_chooses_which_factor_changes(transform):
         perturb(network)
     networks.eval()
     u, delta = factors()[TARGETS[0].name]
-    u_t, delta_t = networks.transform(TARGETS[0].name, u, delta)
+    u_t, delta_t = networks.run_network(TARGETS[0].name, u, delta)
     assert torch.equal(delta_t, delta) == (transform == "u_only")
     assert torch.equal(u_t, u) == (transform == "delta_only")
 
@@ -285,17 +285,17 @@ def test_shared_networks_one_per_shape_with_a_mode_per_matrix():
     networks = MendNetworks(TARGETS, {"rank": 3, "share": True})
     assert sorted(networks.networks.keys()) == ["4x6", "6x4"]
     assert networks.network_of[TARGETS[0].name] == networks.network_of[TARGETS[2].name] == "4x6"
-    assert networks.mode_of[TARGETS[0].name] != networks.mode_of[TARGETS[2].name]
-    assert networks.networks["4x6"].blocks[0].scale.shape == (2, 3)  # (n_modes, rank)
+    assert networks.member_of[TARGETS[0].name] != networks.member_of[TARGETS[2].name]
+    assert networks.networks["4x6"].blocks[0].scale.shape == (2, 3)  # (n_members, rank)
     # per-matrix scale: changing mode 0's scale changes only the matrix with mode 0
     networks.eval()
     for network in networks.networks.values():
         perturb(network)
     inputs = factors()
-    before = {t.name: networks.transform(t.name, *inputs[t.name]) for t in TARGETS}
+    before = {t.name: networks.run_network(t.name, *inputs[t.name]) for t in TARGETS}
     with torch.no_grad():
-        networks.networks["4x6"].blocks[0].scale[networks.mode_of[TARGETS[0].name]].mul_(3.0)
-    after = {t.name: networks.transform(t.name, *inputs[t.name]) for t in TARGETS}
+        networks.networks["4x6"].blocks[0].scale[networks.member_of[TARGETS[0].name]].mul_(3.0)
+    after = {t.name: networks.run_network(t.name, *inputs[t.name]) for t in TARGETS}
     assert not torch.equal(after[TARGETS[0].name][0], before[TARGETS[0].name][0])
     for target in TARGETS[1:]:
         assert all(torch.equal(a, b) for a, b in zip(after[target.name], before[target.name]))
@@ -310,7 +310,7 @@ def test_unshared_networks_one_per_matrix():
     perturb(networks.networks[networks.network_of[TARGETS[2].name]])
     for target in TARGETS:
         u, delta = inputs[target.name]
-        u_t, delta_t = networks.transform(target.name, u, delta)
+        u_t, delta_t = networks.run_network(target.name, u, delta)
         assert (torch.equal(u_t, u) and torch.equal(delta_t, delta)) == (target is not TARGETS[2])
 
 
@@ -329,10 +329,10 @@ def test_normalize_off_keeps_no_statistics_and_uses_raw_factors():
     normed.eval()
     inputs = factors()
     name = TARGETS[0].name
-    got = raw.transform(name, *inputs[name])
-    want = reference_transform(raw.networks[raw.network_of[name]], *inputs[name], raw.mode_of[name])
+    got = raw.run_network(name, *inputs[name])
+    want = reference_transform(raw.networks[raw.network_of[name]], *inputs[name], raw.member_of[name])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(normed.transform(name, *inputs[name])[0], got[0])
+    assert not torch.allclose(normed.run_network(name, *inputs[name])[0], got[0])
 
 
 def test_rank_is_capped_at_the_joint_width():

@@ -114,7 +114,7 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
         facts: (G, n) the fact of each position, -1 on padding.
 
     Returns:
-        (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.grouped_edits`. Padding rows
+        (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`. Padding rows
         stay zero: their row of U U^T + lambda I is lambda on the diagonal and their value is zero.
     """
     if Aggregation(aggregation) == Aggregation.sum:
@@ -133,7 +133,7 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
 
 def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: int, aggregation=None) -> dict:
     """Transform a capture's factors and aggregate each edit group's facts (one batch row = one fact):
-    name -> (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.grouped_edits`.
+    name -> (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`.
 
     With ``aggregation`` sum this is the plain per-group padding of the transformed factors. The
     capture should give every fact its own loss (``row_groups`` = one group per row), so that no
@@ -144,7 +144,7 @@ def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: i
     facts = pad_by_group((capture.rows + 1).double()[:, None], position_groups, n_groups)[..., 0].long() - 1  # (G, n)
     ridges = networks.ridges()
     out = {}
-    for name, (u_t, delta_t, lr) in networks.transformed(capture.factors).items():
+    for name, (u_t, delta_t, lr) in networks.transform_factors(capture.factors).items():
         keys = pad_by_group(u_t, position_groups, n_groups)  # (G, n, d_in)
         deltas = pad_by_group(delta_t, position_groups, n_groups)  # (G, n, d_out)
         out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name])

@@ -54,7 +54,7 @@ class TokenBatch:
         return rows[:, None].expand_as(self.target_mask)[:, 1:][self.target_mask[:, 1:]]
 
     @property
-    def last_needed(self) -> torch.Tensor:
+    def positions_with_gradient(self) -> torch.Tensor:
         """(B, T) True at real tokens up to each row's last prediction position (the token before its
         last target token): the positions whose activations can influence the loss. The last target
         token itself, later positions and padding all get exactly zero gradient."""

@@ -117,7 +117,7 @@ def capture_rank1(
             loss = (sums / counts.clamp(min=1)).sum()
         outputs = [recorder.outputs[t.name] for t in targets]
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-    positions = batch.last_needed & loss_rows[:, None]  # (B, T)
+    positions = batch.positions_with_gradient & loss_rows[:, None]  # (B, T)
     factors = {}
     for target, grad in zip(targets, grads):
         u = recorder.inputs[target.name]

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 GROUPS = ("model", "data", "editor", "train", "eval")
 
 
-class Transform(str, Enum):
+class TransformedFactors(str, Enum):
     """Which factor of the rank-1 gradient the editor network transforms (MEND ablations)."""
 
     both = "both"  # u and delta (the method)
@@ -67,7 +67,7 @@ class EditorConfig:
     # Initial per-matrix edit step size lr_l; an untrained editor's edit is one gradient step of this
     # size. SmolLM2-135M needs a step this large to move at all; the paper's 1e-4 barely changes it.
     init_lr: float = 0.05
-    transform: Transform = Transform.both
+    transform: TransformedFactors = TransformedFactors.both
     share: bool = True  # one network per weight shape (False: one per edited matrix)
     normalize: bool = True  # standardise u and delta by running statistics
     aggregation: Aggregation = Aggregation.ridge  # how the facts of one edit_many become one update per matrix

@@ -216,7 +216,7 @@ class Editor:
                 loss_sum += float(capture.loss) * len(batch)
                 facts.append(capture.rows + start)
                 with torch.no_grad():
-                    for name, (u_t, delta_t, _) in self.networks.transformed(capture.factors, norms).items():
+                    for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
                         keys[name].append(u_t)
                         deltas[name].append(delta_t)
                 if entry is not None:

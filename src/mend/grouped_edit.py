@@ -8,6 +8,17 @@ transformed factors of the n captured positions. So the edited layer's output is
 and the correction costs two thin products instead of forming a (d_out, d_in) matrix. With a
 forward hook adding that correction per row, rows of different groups can carry different edits in
 the same forward pass: a batch of independent edits costs one forward, and no weight is modified.
+
+An edit reaches the base model in exactly two ways, both computing the same ``W + dW``:
+
+- here, for meta-training: the update stays in its low-rank factors and a forward hook adds
+  ``-lr (x U^T) D`` to the edited modules' outputs, per row group, with gradients flowing into the
+  editor; no weight is touched;
+- `mend.editor.Editor`, for users: ``dW`` is formed once (`mend.networks.update_from`), checked to be
+  finite and added to the weights in place; revert replays the stored factors exactly.
+
+The tests check the first against a third, plain reference (``W + dW`` through
+``torch.func.functional_call``, tests/test_grouped_edit.py).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ def pad_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> t
 
 
 @contextlib.contextmanager
-def grouped_edits(model, targets: list[EditTarget], edits: dict, row_groups: torch.Tensor):
+def edits_by_row_group(model, targets: list[EditTarget], edits: dict, row_groups: torch.Tensor):
     """Within the block, target modules add each row's group edit to their outputs.
 
     Args:

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .config import Transform, editor_config
+from .config import TransformedFactors, editor_config
 from .targets import EditTarget
 
 
@@ -140,10 +140,10 @@ def row_stats(rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
 class LowRankResidualBlock(nn.Module):
     """``h + B relu(scale_m * (A h) + shift_m)``, with B zero-initialised (identity at init).
 
-    ``m`` indexes the edited matrix (the "mode"), so layers sharing the network differ by scale/shift.
+    ``m`` indexes the edited matrix (the "member"), so layers sharing the network differ by scale/shift.
     """
 
-    def __init__(self, width: int, rank: int, n_modes: int):
+    def __init__(self, width: int, rank: int, n_members: int):
         super().__init__()
         self.down = nn.Linear(width, rank)  # A: (rank, width)
         self.up = nn.Linear(rank, width)  # B: (width, rank)
@@ -151,11 +151,11 @@ class LowRankResidualBlock(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = nn.Parameter(torch.ones(n_modes, rank))
-        self.shift = nn.Parameter(torch.zeros(n_modes, rank))
+        self.scale = nn.Parameter(torch.ones(n_members, rank))
+        self.shift = nn.Parameter(torch.zeros(n_members, rank))
 
-    def forward(self, h: torch.Tensor, mode: int) -> torch.Tensor:
-        hidden = torch.relu(self.down(h) * self.scale[mode] + self.shift[mode])  # (N, rank)
+    def forward(self, h: torch.Tensor, member: int) -> torch.Tensor:
+        hidden = torch.relu(self.down(h) * self.scale[member] + self.shift[member])  # (N, rank)
         return h + self.up(hidden)  # (N, width)
 
 
@@ -171,16 +171,16 @@ class EditorNetwork(nn.Module):
     so the network is exactly the identity while the blocks are (at initialisation).
     """
 
-    def __init__(self, d_in: int, d_out: int, n_modes: int, *, rank: int, n_blocks: int, transform: Transform, normalize: bool):
+    def __init__(self, d_in: int, d_out: int, n_members: int, *, rank: int, n_blocks: int, transform: TransformedFactors, normalize: bool):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
-        self.transform = Transform(transform)
+        self.transformed_factors = TransformedFactors(transform)
         self.normalize = normalize
         width = d_in + d_out
         self.rank = min(rank, width)
         self.u_norm = RunningNorm(d_in)
         self.delta_norm = RunningNorm(d_out)
-        self.blocks = nn.ModuleList(LowRankResidualBlock(width, self.rank, n_modes) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(LowRankResidualBlock(width, self.rank, n_members) for _ in range(n_blocks))
 
     def _standardise(self, x: torch.Tensor, norm: RunningNorm):
         if not self.normalize:
@@ -188,7 +188,7 @@ class EditorNetwork(nn.Module):
         std = norm.std().to(x.dtype)
         return (x - norm.mean.to(x.dtype)) / std, std
 
-    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int, norms=None):
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, member: int, norms=None):
         """u: (N, d_in), delta: (N, d_out) -> (u~ (N, d_in), delta~ (N, d_out)).
 
         ``norms``: (u_norm, delta_norm) to standardise with instead of the network's own (a lifelong
@@ -203,13 +203,13 @@ class EditorNetwork(nn.Module):
         z = torch.cat([u_std_in, d_std_in], dim=-1)  # (N, d_in + d_out)
         h = z
         for block in self.blocks:
-            h = block(h, mode)
+            h = block(h, member)
         change = h - z
         change_u, change_delta = change[:, : self.d_in], change[:, self.d_in :]
         if u_std is not None:
             change_u, change_delta = change_u * u_std, change_delta * d_std
-        u_out = u if self.transform == Transform.delta_only else u + change_u
-        delta_out = delta if self.transform == Transform.u_only else delta + change_delta
+        u_out = u if self.transformed_factors == TransformedFactors.delta_only else u + change_u
+        delta_out = delta if self.transformed_factors == TransformedFactors.u_only else delta + change_delta
         return u_out, delta_out
 
 
@@ -229,16 +229,16 @@ class MendNetworks(nn.Module):
         if not self.targets:
             raise ValueError("an editor needs at least one target matrix")
         self.network_of: dict[str, str] = {}
-        self.mode_of: dict[str, int] = {}
+        self.member_of: dict[str, int] = {}
         members: dict[str, list[EditTarget]] = {}
         for target in self.targets:
             key = target.shape_key if self.config.share else target.name.replace(".", "_")
             members.setdefault(key, []).append(target)
         networks = {}
         for key, group in members.items():
-            for mode, target in enumerate(group):
+            for member, target in enumerate(group):
                 self.network_of[target.name] = key
-                self.mode_of[target.name] = mode
+                self.member_of[target.name] = member
             networks[key] = EditorNetwork(
                 group[0].d_in,
                 group[0].d_out,
@@ -263,21 +263,21 @@ class MendNetworks(nn.Module):
         ridges = self.log_ridges.exp()
         return {t.name: ridges[i] for i, t in enumerate(self.targets)}
 
-    def transform(self, name: str, u: torch.Tensor, delta: torch.Tensor, norms: dict | None = None):
+    def run_network(self, name: str, u: torch.Tensor, delta: torch.Tensor, norms: dict | None = None):
         """Run one matrix's factors through its network: (u~, delta~). ``norms``: network key ->
         (u_norm, delta_norm) to standardise with instead of the networks' own statistics."""
         key = self.network_of[name]
         network = self.networks[key]
-        return network(u.float(), delta.float(), self.mode_of[name], None if norms is None else norms[key])
+        return network(u.float(), delta.float(), self.member_of[name], None if norms is None else norms[key])
 
-    def transformed(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def transform_factors(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                     norms: dict | None = None) -> dict[str, tuple]:
         """Every matrix's transformed factors and step size: name -> (u~ (N, d_in), delta~ (N, d_out), lr_l)."""
         lrs = self.step_sizes()
         out = {}
         for target in self.targets:
             u, delta = factors[target.name]
-            out[target.name] = (*self.transform(target.name, u, delta, norms), lrs[target.name])
+            out[target.name] = (*self.run_network(target.name, u, delta, norms), lrs[target.name])
         return out
 
     def forward(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -289,7 +289,7 @@ class MendNetworks(nn.Module):
         Returns:
             name -> dW (d_out, d_in), float32.
         """
-        return {name: update_from(*t) for name, t in self.transformed(factors).items()}
+        return {name: update_from(*t) for name, t in self.transform_factors(factors).items()}
 
 
 def update_from(u_t: torch.Tensor, delta_t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:

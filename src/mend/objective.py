@@ -19,12 +19,11 @@ import torch
 
 from .aggregate import grouped_updates
 from .capture import capture_rank1
-from .grouped_edit import grouped_edits, pad_by_group
+from .grouped_edit import edits_by_row_group
 from .meta_batch import MetaBatch, token_kinds
 from .networks import MendNetworks
 from .prefix_forward import starting_at_block
 from .scoring import autocast_for, kl_to_reference, mean_nll, target_logits, token_hits
-from .targets import to_storage
 
 EDIT, EQUIV, LOC = 0, 1, 2
 
@@ -35,23 +34,6 @@ class StepOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
-
-
-def edited_params(model, networks: MendNetworks, factors) -> dict[str, torch.Tensor]:
-    """Parameter replacements ``W + dW`` for the edited matrices (differentiable in the networks):
-    the reference a grouped edit must agree with when there is one group."""
-    params = dict(model.named_parameters())
-    updates = networks(factors)
-    return {t.name: params[t.name] + to_storage(updates[t.name], t).to(params[t.name].dtype) for t in networks.targets}
-
-
-def group_edits(networks: MendNetworks, capture, groups_of_rows: torch.Tensor, n_groups: int) -> dict:
-    """Transform the captured factors and pad them per edit group: name -> (U, D, lr) for `grouped_edits`."""
-    position_groups = groups_of_rows[capture.rows]  # (N,)
-    return {
-        name: (pad_by_group(u_t, position_groups, n_groups), pad_by_group(delta_t, position_groups, n_groups), lr)
-        for name, (u_t, delta_t, lr) in networks.transformed(capture.factors).items()
-    }
 
 
 def _from_prefix(model, batch: MetaBatch, which: str):
@@ -72,7 +54,7 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
 
     edits = grouped_updates(networks, capture, batch.pre_groups, batch.n_groups)  # editor.aggregation
-    with grouped_edits(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
+    with edits_by_row_group(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
             autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit
     kinds = token_kinds(batch.post, [batch.n_edit, batch.n_equiv, batch.n_loc])
