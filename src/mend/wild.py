@@ -4,8 +4,8 @@ ends naturally, and cut it there (Yang et al., "The Mirage of Model Editing", AC
 Teacher-forced scores hand the model the answer's length and every gold prefix; WILD lets it answer
 on its own, as a user would see it:
 
-1. the probe's prompt goes into a short context template (``DEFAULT_TEMPLATE``, configurable as
-   ``eval.wild_template``; ``{prompt}`` marks where it goes);
+1. the probe's prompt goes into a short instruction / question-answering context
+   (``DEFAULT_TEMPLATE``, configurable as ``eval.wild_template``; ``{prompt}`` marks where it goes);
 2. greedy decoding stops at the end of the first sentence (``.``, ``!`` or ``?`` followed by
    whitespace), at a newline after the answer has begun, at EOS, or after ``eval.wild_max_new_tokens``;
 3. the answer is the text before that stop, scored by `mend.answers.exact_match` and
@@ -21,8 +21,12 @@ import re
 
 from .generation import decode
 
-DEFAULT_TEMPLATE = "Please answer the question:\n\nQ: {prompt}\nA:"  # the WILD paper's QA instruction context
-DEFAULT_MAX_NEW_TOKENS = 16
+# A short instruction context for cloze prompts ("X was written by"), which are what CounterFact and
+# our facts hold. For question prompts (zsRE, QAEdit) the paper's context fits better:
+# "Please answer the question:\n\nQ: {prompt}\nA:" (on cloze prompts SmolLM2-135M answers it with
+# nothing at all: 0 of 24 unedited answers right, against 12 of 24 with this one).
+DEFAULT_TEMPLATE = "Complete the sentence with a short answer.\n{prompt}"
+DEFAULT_MAX_NEW_TOKENS = 10
 PLACEHOLDER = "{prompt}"
 
 # the end of an answer: a newline after some text, or sentence-final punctuation before whitespace
