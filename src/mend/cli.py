@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="edits applied together in batch mode (default: eval.batch_size)")
     p.add_argument("--curve-every", type=int, help="sequential mode: measure every M edits (default: eval.curve_every)")
     p.add_argument("--out", help="output directory (default: eval.out_dir)")
-    p.add_argument("--wild-template", help="QA context of WILD answers, {prompt} marks the probe and \\n is a "
+    p.add_argument("--wild-template", help="context of WILD answers, {prompt} marks the probe and \\n is a "
                                            "newline (default: eval.wild_template)")
     p.add_argument("--wild-max-new-tokens", type=int, help="token cap of WILD answers (default: eval.wild_max_new_tokens)")
     p.add_argument("--bootstrap-samples", type=int, help="resamples per confidence interval, 0 = none "
