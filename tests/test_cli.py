@@ -218,6 +218,40 @@ def test_eval_writes_summary_and_edits(trained, data_file):
     assert {row["method"] for row in rows} == {"none", "mend", "ft"}
 
 
+def test_eval_on_knowedit_reports_every_measure_per_probe_kind_and_compares(workdir, model_dir):
+    """KnowEdit end to end: portability and locality per probe kind, WILD, CounterFact's scores,
+    the locality ceiling and intervals in one table; then --compare on two runs."""
+    records = knowedit_records()
+    for i, record in enumerate(records):
+        record["ground_truth"] = ["blue", ["Lyon", "Lyons"]][i % 2]
+        record["locality"]["unrelated"] = [{"prompt": "Water is", "ground_truth": "wet"}]
+        record["portability"] = {"Reasoning": [{"prompt": "Its colour is", "ground_truth": record["target_new"]}],
+                                 "Subject_Aliasing": [{"prompt": "Q: " + record["prompt"], "ground_truth": record["target_new"]}]}
+    data = workdir / "knowedit.json"
+    data.write_text(json.dumps(records))
+    outs = [workdir / "ke-a", workdir / "ke-b"]
+    for out, limit in zip(outs, ("3", "4")):
+        code, stdout, err = run_cli("eval", "--data", data, "--methods", "none,ft", "--model", model_dir, "--limit", limit,
+                                    "--out", out, "--bootstrap-samples", "50", "--wild-max-new-tokens", "4",
+                                    "eval.ft_steps=2")
+        assert code == 0, err
+    for name in ("portability[Reasoning]_tf_acc", "portability[Subject_Aliasing]_wild_em", "locality[unrelated]_gen",
+                 "locality_ceiling_tf_acc", "reliability_wild_contains", "efficacy_score", "neighborhood_magnitude"):
+        assert f"\n{name} " in stdout, name
+    assert "95% bootstrap interval" in stdout
+    summary = json.loads((outs[1] / "summary.json").read_text())
+    assert summary["settings"]["wild"]["max_new_tokens"] == 4 and summary["settings"]["bootstrap"]["samples"] == 50
+    code, stdout, err = run_cli("eval", "--compare", *outs, "--bootstrap-samples", "50")
+    assert code == 0, err
+    assert stdout.startswith("B - A") and "none: unpaired" in stdout  # 3 vs 4 records
+    assert "\nreliability_tf_acc " in stdout and "n.s." in stdout  # none vs none: no difference
+
+
+def test_eval_without_data_or_compare_is_one_line():
+    code, _, err = run_cli("eval", "--methods", "none")
+    assert_one_line_error(code, err, "needs --data FILE")
+
+
 def test_editor_for_another_model_is_refused(trained, workdir, tmp_path):
     """A checkpoint whose base model (by name) turns out to have other weights is refused, in one line."""
     _, _, run_dir = trained

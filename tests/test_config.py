@@ -121,6 +121,10 @@ def test_override_values_are_typed(tmp_path):
         ("train.n_edits=0", "train.n_edits"),
         ("data.format=csv", "data.format"),
         ("eval.mode=parallel", "eval.mode"),
+        ("eval.wild_template=no-placeholder", "eval.wild_template must contain {prompt}"),
+        ("eval.wild_max_new_tokens=0", "eval.wild_max_new_tokens"),
+        ("eval.bootstrap_samples=-1", "eval.bootstrap_samples"),
+        ("eval.bootstrap_confidence=1.5", "eval.bootstrap_confidence"),
         ("editor.rank", "key=value"),  # no value at all
         ("editor.rank=[1,2", "editor.rank"),  # unparsable value
         ("editor.rank=${oops", "editor.rank"),  # unparsable interpolation
@@ -172,3 +176,10 @@ def test_editor_config_validates_plain_dicts():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_default_yaml_keeps_the_schemas_wild_and_bootstrap_settings():
+    """configs/default.yaml spells out the evaluation defaults; they are the schema's (one definition)."""
+    cfg, schema = load_config(), OmegaConf.structured(MendConfig)
+    for key in ("wild_template", "wild_max_new_tokens", "bootstrap_samples", "bootstrap_seed", "bootstrap_confidence"):
+        assert cfg.eval[key] == schema.eval[key], key

@@ -1,8 +1,10 @@
-"""The evaluation harness: metrics on hand-built cases, the three modes, exact revert, output files."""
+"""The evaluation harness: metrics on hand-built cases (CounterFact's scores exact under hand-set logits),
+the three modes, exact revert, per-kind reporting, intervals, output files."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from types import SimpleNamespace
 
@@ -11,9 +13,21 @@ import torch
 from torch import nn
 
 import mend
-from mend.baselines import EditMethod, build_methods
+from mend.baselines import EditMethod, NoEdit, build_methods
+from mend.bootstrap import Bootstrap
 from mend.data.records import EditRecord, Probe
-from mend.eval_metrics import METRICS, Predictions, Probes, aggregate, normalize_answer, predict, score, starts_with_answer
+from mend.eval_metrics import (
+    COUNTERFACT,
+    METRICS,
+    Predictions,
+    Probes,
+    aggregate,
+    normalize_answer,
+    parse_metric,
+    predict,
+    score,
+    starts_with_answer,
+)
 from mend.evaluate import curve_points, curve_sample_indices, evaluate
 from mend.report import CURVE_PLOT, EDITS_FILE, METRICS_PLOT, SUMMARY_FILE, TABLE_FILE
 
@@ -95,6 +109,97 @@ def test_locality_needs_pre_edit_predictions():
         score(probes, post)
 
 
+# ----------------------------------------------------------------------------- CounterFact's scores
+class LogitLM(nn.Module):
+    """A causal LM whose next-token logits depend only on the current character: ``rows[c]`` maps
+    next characters to logits (every other token 0); characters without a row predict byte + 1."""
+
+    def __init__(self, rows: dict[str, dict[str, float]], vocab: int = 260):
+        super().__init__()
+        table = torch.zeros(vocab, vocab)
+        for i in range(vocab):
+            table[i, min(i + 1, vocab - 1)] = 10.0
+        for c, logits in rows.items():
+            table[3 + ord(c)].zero_()
+            for nxt, value in logits.items():
+                table[3 + ord(c), 3 + ord(nxt)] = value
+        self.table = nn.Parameter(table, requires_grad=False)
+        self.config = SimpleNamespace(name_or_path="logit-lm")
+
+    def forward(self, input_ids, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])  # (B, T, V)
+
+
+# after "b" or "y" comes " " (logit 5); after " " the answers: R (new) 3, Q (a neighbour's truth) 2, P (old) 1
+CF_ROWS = {"b": {" ": 5.0}, "y": {" ": 5.0}, " ": {"R": 3.0, "Q": 2.0, "P": 1.0}}
+V = 260
+
+
+def _lp_space() -> float:
+    return 5.0 - math.log(V - 1 + math.exp(5.0))  # log P(" " | "b"), by hand
+
+
+def _lp_after_space(logit: float) -> float:
+    return logit - math.log(V - 3 + math.exp(3.0) + math.exp(2.0) + math.exp(1.0))  # log P(x | " ")
+
+
+def _p(logit: float) -> float:
+    """P(" x") = exp(mean log-probability of its two tokens), CounterFact's per-answer probability."""
+    return math.exp((_lp_space() + _lp_after_space(logit)) / 2)
+
+
+def cf_record() -> EditRecord:
+    return EditRecord("0", "ab", "R", ground_truth="P", rephrases=("xb",), locality=(Probe("xy", "Q", "neighborhood"),))
+
+
+def test_counterfact_scores_are_exact():
+    model, tok = LogitLM(CF_ROWS), CharTokenizer()
+    probes = Probes.of(cf_record())
+    assert probes.contrasts == ("P", "P", "R")  # old answer for edit and paraphrase, new target for neighbours
+    pred = predict(model, tok, probes)
+    assert pred.answer_logprob[0] == pytest.approx((_lp_space() + _lp_after_space(3.0)) / 2, abs=1e-6)
+    scores = score(probes, pred, pred)
+    assert scores["efficacy_score"] == 1.0 and scores["paraphrase_score"] == 1.0  # P(R) > P(P)
+    assert scores["efficacy_magnitude"] == pytest.approx(_p(3.0) - _p(1.0), abs=1e-6)
+    assert scores["paraphrase_magnitude"] == pytest.approx(_p(3.0) - _p(1.0), abs=1e-6)
+    assert scores["neighborhood_score"] == 0.0  # the new target R beats the neighbour's truth Q
+    assert scores["neighborhood_magnitude"] == pytest.approx(_p(2.0) - _p(3.0), abs=1e-6)
+
+
+def test_counterfact_scores_flip_when_the_old_answer_is_likelier():
+    model, tok = LogitLM(CF_ROWS | {" ": {"R": 1.0, "Q": 2.0, "P": 3.0}}), CharTokenizer()
+    probes = Probes.of(cf_record())
+    scores = score(probes, predict(model, tok, probes), predict(model, tok, probes))
+    assert scores["efficacy_score"] == 0.0 and scores["efficacy_magnitude"] == pytest.approx(_p(1.0) - _p(3.0), abs=1e-6)
+    assert scores["neighborhood_score"] == 1.0
+
+
+def test_efficacy_is_one_when_the_new_target_is_already_likelier():
+    """The unedited model (method none) already prefers R to P: efficacy 1 before any edit."""
+    model, tok = LogitLM(CF_ROWS), CharTokenizer()
+    report = evaluate({"none": NoEdit()}, [cf_record()] * 3, model, tok, progress=False)
+    means = report.methods["none"]["metrics"]
+    assert means["efficacy_score"] == 1.0 and means["paraphrase_score"] == 1.0
+    assert report.methods["none"]["intervals"]["efficacy_score"] == [1.0, 1.0]
+
+
+def test_counterfact_scores_need_the_old_answer():
+    record = EditRecord("0", "ab", "R", rephrases=("xb",))  # no ground_truth (e.g. KnowEdit's new facts)
+    probes = Probes.of(record)
+    scores = score(probes, predict(LogitLM(CF_ROWS), CharTokenizer(), probes))
+    assert scores["efficacy_score"] is None and scores["paraphrase_magnitude"] is None
+    assert scores["neighborhood_score"] is None  # no locality probe either
+
+
+def test_metric_names_parse():
+    assert parse_metric("locality_gt_tf_acc") == ("locality_gt", None, "tf_acc")
+    assert parse_metric("portability[Subject_Aliasing]_wild_em") == ("portability", "Subject_Aliasing", "wild_em")
+    assert parse_metric("efficacy_score") == ("counterfact", None, "efficacy_score")
+    assert parse_metric("locality_wild_contains") is None  # agreement has no "contains"
+    assert parse_metric("ms_per_edit") is None and parse_metric("case_id") is None
+    assert all(parse_metric(m) is not None for m in METRICS) and set(COUNTERFACT) <= set(METRICS)
+
+
 @pytest.mark.parametrize("text, answer, expected", [
     ("Rome, Italy", "Rome", True),
     ("  ROME!", "rome", True),
@@ -172,6 +277,54 @@ def test_modes_revert_bitwise_and_none_is_the_reference(setup, mode, unchanged):
     assert report.methods["ft"]["metrics"]["reliability_tf_acc"] > report.methods["none"]["metrics"]["reliability_tf_acc"]
 
 
+def _knowedit_records(n=4):
+    """Records with two portability kinds and two locality kinds (KnowEdit-like)."""
+    return [
+        EditRecord(
+            case_id=str(i), prompt=f"Fact {i} is", target="Rome", ground_truth="Paris", rephrases=(f"Fact no {i} is",),
+            portability=(Probe(f"Its river {i} is", "Tiber", "Reasoning"), Probe(f"Fact #{i} is", "Rome", "Subject_Aliasing")),
+            locality=(Probe("Water is", "wet", "neighborhood"), Probe(f"Stone {i} is", "hard", "unrelated")),
+        )
+        for i in range(n)
+    ]
+
+
+def test_per_kind_metrics_ceiling_and_intervals(setup):
+    model, tok, methods = setup
+    report = evaluate({"none": methods["none"], "ft": methods["ft"]}, _knowedit_records(), model, tok,
+                      progress=False, bootstrap=Bootstrap(100))
+    assert report.settings["probe_kinds"] == {"portability": ["Reasoning", "Subject_Aliasing"],
+                                              "locality": ["neighborhood", "unrelated"]}
+    none, ft = report.methods["none"], report.methods["ft"]
+    for kind in ("Reasoning", "Subject_Aliasing"):
+        assert ft["metrics"][f"portability[{kind}]_tf_acc"] is not None
+    for kind in ("neighborhood", "unrelated"):
+        assert none["metrics"][f"locality[{kind}]_tf_acc"] == 1.0 and none["metrics"][f"locality[{kind}]_wild_em"] == 1.0
+    # the ceiling is the unedited model's accuracy on the locality answers, the same beside every method
+    for protocol in ("tf_acc", "gen", "wild_em", "wild_contains"):
+        assert ft["metrics"][f"locality_ceiling_{protocol}"] == none["metrics"][f"locality_gt_{protocol}"]
+    # an interval beside every metric that has a value, around it
+    for stats in (none, ft):
+        for name, value in stats["metrics"].items():
+            if value is not None:
+                lo, hi = stats["intervals"][name]
+                assert lo - 1e-12 <= value <= hi + 1e-12, name
+        assert stats["ms_per_edit_interval"] is not None
+    table = report.table()
+    assert "locality[unrelated]_tf_acc" in table and "portability[Reasoning]_gen" in table
+    assert "95% bootstrap interval" in table and "probe kinds: portability: Reasoning, Subject_Aliasing" in table
+    row = next(line for line in table.splitlines() if line.startswith("locality_tf_acc "))
+    assert "100.0 [100.0, 100.0]" in row  # none: full agreement, interval beside it
+
+
+def test_one_kind_is_not_split(setup):
+    model, tok, methods = setup
+    report = evaluate({"none": methods["none"]}, _records(2), model, tok, progress=False, bootstrap=Bootstrap(0))
+    assert not any("[" in name for name in report.methods["none"]["metrics"])
+    assert report.methods["none"]["intervals"]["reliability_tf_acc"] is None  # 0 resamples: no intervals
+    assert "bootstrap" not in report.table()
+
+
 class Spy(EditMethod):
     """Records the calls the runner makes."""
 
@@ -228,6 +381,7 @@ def test_sequential_curve(setup):
                       curve_sample=2, progress=False)
     points = report.curves["mend"]
     assert [p["n_edits"] for p in points] == [2, 4, 5]
+    assert all(p["intervals"]["reliability_tf_acc"] is not None for p in points)
     assert [p["n_measured"] for p in points] == [1, 1, 2]  # sample = records 0 and 4
     assert all(r["n_applied"] == 5 for r in report.rows)
     assert curve_points(5, 2) == [2, 4, 5] and curve_points(4, 2) == [2, 4] and curve_points(3, 10) == [3]
@@ -243,7 +397,8 @@ def test_output_files(setup, tmp_path):
     lines = (tmp_path / EDITS_FILE).read_text().splitlines()
     assert len(lines) == len(records) * len(methods)
     row = json.loads(lines[0])
-    assert {"method", "case_id", "prompt", "target", "generated", "ms_per_edit"} <= set(row) and set(METRICS) <= set(row)
+    assert {"method", "case_id", "prompt", "target", "generated", "wild_answer", "ms_per_edit"} <= set(row)
+    assert set(METRICS) <= set(row)
     assert row["portability_tf_acc"] is not None
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["mode"] == "single" and summary["data"] == "data/cf.json"
@@ -251,6 +406,8 @@ def test_output_files(setup, tmp_path):
     assert summary["model"] and summary["extra"] == {"note": "hello"}
     assert set(summary["methods"]) == {"none", "mend", "ft", "ft-l"}
     assert summary["methods"]["ft"]["settings"]["steps"] == 3 and "ms_per_edit" in summary["methods"]["ft"]
+    assert set(summary["methods"]["ft"]["intervals"]) == set(summary["methods"]["ft"]["metrics"])
+    assert summary["settings"]["wild"]["max_new_tokens"] > 0 and summary["settings"]["bootstrap"]["samples"] == 1000
     table = (tmp_path / TABLE_FILE).read_text()
     assert "ms/edit" in table and "ft-l" in table and "reliability_gen" in table
     assert (tmp_path / METRICS_PLOT).stat().st_size > 0 and not (tmp_path / CURVE_PLOT).exists()
@@ -287,6 +444,8 @@ def test_printed_table(setup, capsys):
     ({"batch_size": 0}, "batch_size"),
     ({"curve_every": 0}, "curve_every"),
     ({"curve_sample": 0}, "curve_sample"),
+    ({"wild_max_new_tokens": 0}, "wild_max_new_tokens"),
+    ({"wild_template": "no placeholder"}, "exactly once"),
 ])
 def test_bad_arguments(setup, kwargs, match):
     model, tok, methods = setup

@@ -26,7 +26,7 @@ def _train(args) -> int:
 
 def greedy_text(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy continuation of ``prompt`` (the decoding the eval harness scores)."""
-    from .eval_metrics import greedy_continuations
+    from .generation import greedy_continuations
 
     ids = greedy_continuations(model, tokenizer, [prompt], [max_new_tokens])[0]
     return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())  # one line for display
@@ -78,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_edit)
 
     p = sub.add_parser("eval", help="measure edits: reliability, generality, locality, portability",
-                       description="Flags default to the eval section of the config (src/mend/config.py, then "
-                                   "configs/default.yaml); any eval key can "
-                                   "also be given as an override, e.g. eval.ft_steps=20 eval.ftl_norm=1e-3.")
+                       description="Measures every edit teacher-forced, by greedy prefix and WILD-style (QA context, "
+                                   "natural stop), with CounterFact's scores and bootstrap intervals; or compares two "
+                                   "runs (--compare). Flags default to the eval section of the config "
+                                   "(src/mend/config.py, then configs/default.yaml); any eval key can also be given "
+                                   "as an override, e.g. eval.ft_steps=20 eval.ftl_norm=1e-3.")
     p.add_argument("--editor", help="editor checkpoint directory (needed for the mend method)")
     p.add_argument("--model", help="base model (default: the editor's, or smollm2-135m without --editor)")
-    p.add_argument("--data", required=True, help="a CounterFact, zsRE or KnowEdit JSON file")
+    p.add_argument("--data", help="a CounterFact, zsRE or KnowEdit JSON file (needed unless --compare)")
     p.add_argument("--format", default="auto", choices=["auto", "counterfact", "zsre", "knowedit"])
     p.add_argument("--mode", choices=["single", "batch", "sequential"], help="default: eval.mode")
     p.add_argument("--methods", help="comma-separated from none, mend, mend-sum, mend-lifelong, ft, ft-l "
@@ -93,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="edits applied together in batch mode (default: eval.batch_size)")
     p.add_argument("--curve-every", type=int, help="sequential mode: measure every M edits (default: eval.curve_every)")
     p.add_argument("--out", help="output directory (default: eval.out_dir)")
+    p.add_argument("--wild-template", help="context of WILD answers, {prompt} marks the probe and \\n is a "
+                                           "newline (default: eval.wild_template)")
+    p.add_argument("--wild-max-new-tokens", type=int, help="token cap of WILD answers (default: eval.wild_max_new_tokens)")
+    p.add_argument("--bootstrap-samples", type=int, help="resamples per confidence interval, 0 = none "
+                                                         "(default: eval.bootstrap_samples)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="compare two output directories of mend eval: each metric's difference B - A with its "
+                        "interval, n.s. where it is not significant (no edits are run)")
     p.add_argument("--device", default=None)
     p.add_argument("overrides", nargs="*", help="eval.* config overrides")
     p.set_defaults(func=_eval)

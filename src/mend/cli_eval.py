@@ -1,4 +1,5 @@
-"""``mend eval``: load an editor (or a bare model), a data file, run the harness, write the report."""
+"""``mend eval``: load an editor (or a bare model), a data file, run the harness, write the report;
+or, with ``--compare RUN_A RUN_B``, compare two runs' outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 # command-line flag -> eval config key it overrides
 FLAG_KEYS = {"mode": "mode", "methods": "methods", "limit": "max_records", "batch_size": "batch_size",
-             "curve_every": "curve_every", "out": "out_dir"}
+             "curve_every": "curve_every", "out": "out_dir", "wild_template": "wild_template",
+             "wild_max_new_tokens": "wild_max_new_tokens", "bootstrap_samples": "bootstrap_samples"}
 
 
 def eval_config_from(args):
@@ -24,19 +26,34 @@ def eval_config_from(args):
         if value is not None:
             if flag == "methods":
                 value = [n.strip() for n in value.split(",") if n.strip()]
+            if flag == "wild_template":  # a shell passes \n as two characters
+                value = value.replace("\\n", "\n")
             OmegaConf.update(cfg, f"eval.{key}", value)
     return cfg
+
+
+def run_compare(args, eval_cfg) -> int:
+    from .bootstrap import Bootstrap
+    from .compare import compare_runs, format_comparison
+
+    bootstrap = Bootstrap(eval_cfg.bootstrap_samples, eval_cfg.bootstrap_seed, eval_cfg.bootstrap_confidence)
+    print(format_comparison(compare_runs(args.compare[0], args.compare[1], bootstrap)))
+    return 0
 
 
 def run_eval(args) -> int:
     from .baselines import METHOD_NAMES, build_methods
     from .data import load_records
     from .editor import Editor
-    from .evaluate import evaluate
+    from .evaluate import evaluate, settings_from_config
     from .models import DEFAULT_MODEL, load_base_model
 
     cfg = eval_config_from(args)
     eval_cfg = cfg.eval
+    if args.compare:
+        return run_compare(args, eval_cfg)
+    if not args.data:
+        raise ValueError("mend eval needs --data FILE (or --compare RUN_A RUN_B to compare two runs)")
     names = list(eval_cfg.methods)
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
@@ -61,8 +78,8 @@ def run_eval(args) -> int:
         max_length = cfg.model.max_length
     methods = build_methods(names, editor, model, tokenizer, eval_cfg, checkpoint=args.editor)
     report = evaluate(
-        methods, records, model, tokenizer, mode=eval_cfg.mode, batch_size=eval_cfg.batch_size,
-        curve_every=eval_cfg.curve_every, max_length=max_length, out_dir=Path(eval_cfg.out_dir), progress=True,
+        methods, records, model, tokenizer, **settings_from_config(eval_cfg), max_length=max_length,
+        out_dir=Path(eval_cfg.out_dir), progress=True,
         meta={"data": str(args.data), "skipped_records": args.skip, "editor_checkpoint": args.editor},
     )
     print(f"wrote {', '.join(str(p) for p in report.files.values())}")

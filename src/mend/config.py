@@ -21,6 +21,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .bootstrap import DEFAULT_CONFIDENCE
+from .bootstrap import DEFAULT_SAMPLES as DEFAULT_BOOTSTRAP_SAMPLES
+from .wild import DEFAULT_MAX_NEW_TOKENS as DEFAULT_WILD_MAX_NEW_TOKENS
+from .wild import DEFAULT_TEMPLATE as DEFAULT_WILD_TEMPLATE
+from .wild import PLACEHOLDER as WILD_PLACEHOLDER
+
 GROUPS = ("model", "data", "editor", "train", "eval")
 
 
@@ -123,6 +129,11 @@ class EvalConfig:
     ft_steps: int = 10
     ft_lr: float = 5e-4
     ftl_norm: float = 5e-4  # L-infinity radius of FT-L
+    wild_template: str = DEFAULT_WILD_TEMPLATE  # QA context of WILD answers; {prompt} marks the probe's prompt
+    wild_max_new_tokens: int = DEFAULT_WILD_MAX_NEW_TOKENS  # token cap of a WILD answer
+    bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES  # resamples of each confidence interval; 0 = none
+    bootstrap_seed: int = 0
+    bootstrap_confidence: float = DEFAULT_CONFIDENCE
     out_dir: str = "runs/eval"
 
 
@@ -240,6 +251,15 @@ def validate(cfg) -> None:
                           f"got {cfg.train.prefix_cache_dtype!r}")
     if cfg.eval.mode not in ("single", "batch", "sequential"):
         raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
+    if cfg.eval.wild_template.count(WILD_PLACEHOLDER) != 1:
+        raise ConfigError(f"eval.wild_template must contain {WILD_PLACEHOLDER} exactly once, got {cfg.eval.wild_template!r}")
+    if cfg.eval.wild_max_new_tokens < 1:
+        raise ConfigError(f"eval.wild_max_new_tokens must be >= 1, got {cfg.eval.wild_max_new_tokens}")
+    if cfg.eval.bootstrap_samples < 0:
+        raise ConfigError(f"eval.bootstrap_samples must be >= 0 (0 = no intervals), got {cfg.eval.bootstrap_samples}")
+    if not 0.0 < cfg.eval.bootstrap_confidence < 1.0:
+        raise ConfigError(f"eval.bootstrap_confidence must lie strictly between 0 and 1, got "
+                          f"{cfg.eval.bootstrap_confidence}")
 
 
 def validate_editor(editor) -> None:

@@ -21,7 +21,7 @@ def run_demo(args) -> int:
     from .config import load_config
     from .data import load_records
     from .editor import Editor
-    from .evaluate import evaluate
+    from .evaluate import evaluate, settings_from_config
     from .models import load_base_model
     from .trainer import train
 
@@ -61,8 +61,9 @@ def run_demo(args) -> int:
 
     print(f"\n[4/4] measuring {DEMO_EVAL_RECORDS} held-out edits, one at a time, for MEND, FT, FT-L and no edit")
     methods = build_methods(["none", "mend", "ft", "ft-l"], editor, model, tokenizer, cfg.eval, checkpoint=str(best))
+    settings = settings_from_config(cfg.eval) | {"mode": "single"}
     report = evaluate(
-        methods, records[:DEMO_EVAL_RECORDS], model, tokenizer, mode="single", max_length=editor.max_length,
+        methods, records[:DEMO_EVAL_RECORDS], model, tokenizer, **settings, max_length=editor.max_length,
         out_dir=out / "eval", progress=True, meta={"data": cfg.data.val_path, "editor_checkpoint": str(best)},
     )
     print(f"\nresults written to {out / 'eval'} ({', '.join(p.name for p in report.files.values())})")

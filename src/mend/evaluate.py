@@ -13,9 +13,17 @@ Modes:
   records among them) for the curve; after the last edit measure them all; revert at the end.
 
 The unedited model's predictions on every record are computed once, before any method runs, and
-serve as the locality reference. Methods run one after another on the same model, each reverting
-its edits before the next starts (also when it fails). ``ms_per_edit`` is the mean wall time of
-``apply`` per edit (a batch's time divided by its size).
+serve as the locality reference and its ceiling.
+
+Each method's summary holds the mean of every metric (`mend.eval_metrics`) and its bootstrap
+confidence interval over records (`mend.bootstrap`); so does each point of a sequential curve.
+Portability and locality are also reported per probe kind when the records' probes of that role
+come in two or more kinds (KnowEdit's Reasoning / Subject_Aliasing, our facts' neighborhood /
+unrelated); with one kind, the role's own metrics are that kind's.
+
+Methods run one after another on the same model, each reverting its edits before the next starts
+(also when it fails). ``ms_per_edit`` is the mean wall time of ``apply`` per edit (a batch's time
+divided by its size).
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .bootstrap import Bootstrap, summarize
 from .data.records import EditRecord
-from .eval_metrics import Predictions, Probes, aggregate, predict, score
+from .eval_metrics import Predictions, Probes, metric_names, predict, probe_kinds, score
 from .report import EvalReport, write_report
+from .wild import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE, check_template
 
 MODES = ("single", "batch", "sequential")
 
@@ -56,9 +66,10 @@ def _sync(device: torch.device) -> None:
 class _Run:
     """One method's run over the records: timed applies and measurements against the pre-edit reference."""
 
-    def __init__(self, name, method, records, probes, pre, model, tokenizer, mode, max_length, bar):
+    def __init__(self, name, method, records, probes, pre, model, tokenizer, mode, measure_kwargs, split, bar):
         self.name, self.method, self.records, self.probes, self.pre = name, method, records, probes, pre
-        self.model, self.tokenizer, self.mode, self.max_length, self.bar = model, tokenizer, mode, max_length, bar
+        self.model, self.tokenizer, self.mode, self.bar = model, tokenizer, mode, bar
+        self.measure_kwargs, self.split = measure_kwargs, split
         self.device = next(model.parameters()).device
         self.apply_seconds = 0.0
         self.n_edits = 0
@@ -77,11 +88,12 @@ class _Run:
 
     def measure(self, i: int, ms_per_edit: float | None, **extra) -> dict:
         """Score record i on the model as it is now; one row of ``edits.jsonl``."""
-        post: Predictions = predict(self.model, self.tokenizer, self.probes[i], max_length=self.max_length)
+        post: Predictions = predict(self.model, self.tokenizer, self.probes[i], **self.measure_kwargs)
         record = self.records[i]
         return {"method": self.name, "mode": self.mode, "index": i, "case_id": record.case_id,
                 "prompt": record.prompt, "target": record.target, "generated": post.texts[0],
-                **extra, "ms_per_edit": ms_per_edit, **score(self.probes[i], post, self.pre[i])}
+                "wild_answer": post.wild_texts[0], **extra, "ms_per_edit": ms_per_edit,
+                **score(self.probes[i], post, self.pre[i], self.split)}
 
 
 def _single(run: _Run, n: int, **_) -> tuple[list[dict], list[dict]]:
@@ -118,7 +130,8 @@ def curve_sample_indices(n: int, sample: int | None) -> list[int]:
     return sorted({round(k * (n - 1) / max(1, sample - 1)) for k in range(sample)}) if sample > 1 else [0]
 
 
-def _sequential(run: _Run, n: int, curve_every: int, curve_sample: int | None, **_) -> tuple[list[dict], list[dict]]:
+def _sequential(run: _Run, n: int, curve_every: int, curve_sample: int | None, bootstrap: Bootstrap,
+                **_) -> tuple[list[dict], list[dict]]:
     points = set(curve_points(n, curve_every))
     sample = curve_sample_indices(n, curve_sample)
     ms = [0.0] * n
@@ -134,14 +147,24 @@ def _sequential(run: _Run, n: int, curve_every: int, curve_sample: int | None, *
             point_rows = [rows[j] for j in measured]
         else:
             point_rows = [run.measure(j, ms[j], n_applied=i + 1) for j in measured]
-        curve.append({"n_edits": i + 1, "n_measured": len(point_rows), **aggregate(point_rows)})
+        means, intervals = summarize(point_rows, metric_names(point_rows), bootstrap)
+        curve.append({"n_edits": i + 1, "n_measured": len(point_rows), **means, "intervals": intervals})
     run.method.revert()
     return rows, curve
 
 
+def settings_from_config(eval_cfg) -> dict:
+    """The keyword arguments of `evaluate` that the config's ``eval`` section sets."""
+    return dict(mode=eval_cfg.mode, batch_size=eval_cfg.batch_size, curve_every=eval_cfg.curve_every,
+                wild_template=eval_cfg.wild_template, wild_max_new_tokens=eval_cfg.wild_max_new_tokens,
+                bootstrap=Bootstrap(eval_cfg.bootstrap_samples, eval_cfg.bootstrap_seed, eval_cfg.bootstrap_confidence))
+
+
 def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_size: int = 10,
-             curve_every: int = 10, curve_sample: int | None = None, max_length: int = 128, out_dir=None,
-             progress: bool = True, meta: dict | None = None) -> EvalReport:
+             curve_every: int = 10, curve_sample: int | None = None, max_length: int = 128,
+             wild_template: str = DEFAULT_TEMPLATE, wild_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             bootstrap: Bootstrap | None = None, out_dir=None, progress: bool = True,
+             meta: dict | None = None) -> EvalReport:
     """Run each edit method over ``records`` and score every edit.
 
     Args:
@@ -154,6 +177,9 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         curve_sample: sequential mode: measure only this many (evenly spread) records at each
             curve point; None = all applied so far.
         max_length: longest probe prompt + answer in tokens (the editor's ``max_length``).
+        wild_template: the question-answering context of WILD answers (``{prompt}`` marks the probe).
+        wild_max_new_tokens: the most tokens of a WILD answer.
+        bootstrap: how confidence intervals are drawn (default: 1000 resamples, seed 0, 95%).
         out_dir: when given, write the outputs there (`mend.report.write_report`).
         progress: show tqdm bars and print the table at the end.
         meta: provenance recorded in the summary: ``data`` (the data file), ``model``,
@@ -161,17 +187,20 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
             ``mend_version`` is always added.
 
     Returns:
-        An `EvalReport` (per-edit rows, per-method means and ms/edit, sequential curves).
+        An `EvalReport` (per-edit rows, per-method means, intervals and ms/edit, sequential curves).
     """
     from . import __version__
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    for what, value in (("batch_size", batch_size), ("curve_every", curve_every), ("max_length", max_length)):
-        if not isinstance(value, int) or value < 1:
+    for what, value in (("batch_size", batch_size), ("curve_every", curve_every), ("max_length", max_length),
+                        ("wild_max_new_tokens", wild_max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{what} must be a positive integer, got {value!r}")
     if curve_sample is not None and (not isinstance(curve_sample, int) or curve_sample < 1):
         raise ValueError(f"curve_sample must be None or a positive integer, got {curve_sample!r}")
+    check_template(wild_template)
+    bootstrap = Bootstrap() if bootstrap is None else bootstrap
     methods = _method_dict(methods)
     records = list(records)
     if not records:
@@ -180,24 +209,38 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         if not isinstance(record, EditRecord):
             raise TypeError(f"record #{i} is a {type(record).__name__}, not a mend.data.records.EditRecord")
 
+    # 1. the probes, their kinds, and the unedited model's predictions (the locality reference)
     n = len(records)
     probes = [Probes.of(r) for r in records]
-    pre = [predict(model, tokenizer, p, max_length=max_length) for p in tqdm(probes, desc="pre-edit", disable=not progress)]
+    kinds = probe_kinds(probes)
+    split = {role: k for role, k in kinds.items() if len(k) >= 2}
+    measure_kwargs = dict(max_length=max_length, wild_template=wild_template, wild_max_new_tokens=wild_max_new_tokens)
+    pre = [predict(model, tokenizer, p, **measure_kwargs) for p in tqdm(probes, desc="pre-edit", disable=not progress)]
+    # 2. each method in turn: edit, measure, revert (also when it fails)
     runner = {"single": _single, "batch": _batch, "sequential": _sequential}[mode]
-    summary, all_rows, curves = {}, [], {}
+    runs, all_rows, curves = {}, [], {}
     for name, method in methods.items():
         with tqdm(total=n, desc=f"{name} ({mode})", disable=not progress) as bar:
-            run = _Run(name, method, records, probes, pre, model, tokenizer, mode, max_length, bar)
+            run = _Run(name, method, records, probes, pre, model, tokenizer, mode, measure_kwargs, split, bar)
             try:
-                rows, curve = runner(run, n, batch_size=batch_size, curve_every=curve_every, curve_sample=curve_sample)
+                rows, curve = runner(run, n, batch_size=batch_size, curve_every=curve_every,
+                                     curve_sample=curve_sample, bootstrap=bootstrap)
             finally:
                 method.revert()  # a no-op after a clean run; restores the model after a failure
+        runs[name] = (run, rows)
         all_rows += rows
         if curve:
             curves[name] = curve
-        settings = method.settings() if hasattr(method, "settings") else {}
+    # 3. per method: means and intervals of every metric, on one resampling of the records
+    names = metric_names(all_rows)
+    summary = {}
+    for name, (run, rows) in runs.items():
+        means, intervals = summarize(rows, names + ["ms_per_edit"], bootstrap)
+        means.pop("ms_per_edit")  # the summary's ms_per_edit is total apply time / edits (the same mean)
+        settings = methods[name].settings() if hasattr(methods[name], "settings") else {}
         summary[name] = {"n_edits": run.n_edits, "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
-                         "metrics": aggregate(rows), "settings": settings}
+                         "ms_per_edit_interval": intervals.pop("ms_per_edit"), "metrics": means,
+                         "intervals": intervals, "settings": settings}
 
     meta = dict(meta or {})
     provenance = {"data": meta.pop("data", None),
@@ -205,7 +248,10 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
                   "editor_checkpoint": meta.pop("editor_checkpoint", None), "mend_version": __version__}
     if meta:
         provenance["extra"] = meta
-    settings = {"n_records": n, "max_length": max_length}
+    settings = {"n_records": n, "max_length": max_length, "probe_kinds": kinds,
+                "wild": {"template": wild_template, "max_new_tokens": wild_max_new_tokens},
+                "bootstrap": {"samples": bootstrap.samples, "seed": bootstrap.seed, "confidence": bootstrap.confidence,
+                              "unit": "record"}}
     if mode == "batch":
         settings["batch_size"] = batch_size
     if mode == "sequential":
