@@ -81,6 +81,7 @@ def trained(workdir, model_dir, data_file):
         "train", f"model.name={model_dir}", f"data.train_path={data_file}", f"data.val_path={data_file}",
         "data.max_train_records=6", "train.max_steps=4", "train.val_every=2", "train.val_records=4",
         "train.batch_size=2", "editor.rank=8", "model.device=cpu", "train.progress=false", f"train.out_dir={out_dir}",
+        f"train.prefix_cache_dir={workdir / 'prefix'}",
     )
     return code, out, out_dir
 
@@ -175,10 +176,16 @@ def test_mend_method_without_editor_is_one_line(data_file, model_dir):
 # ----------------------------------------------------------------------------- train, edit, eval
 
 
+def workdir_of(run_dir):
+    return run_dir.parent
+
+
 def test_train_writes_the_best_editor(trained):
     code, out, run_dir = trained
     assert code == 0
-    assert out.startswith("trained 4 steps (0 skipped)")
+    first, rest = out.split("\n", 1)
+    assert first.startswith("prefix cache: ") and str(workdir_of(run_dir) / "prefix") in first
+    assert rest.startswith("trained 4 steps (0 skipped)")
     assert str(run_dir / "best") in out
     assert (run_dir / "best" / "editor.safetensors").is_file()
     assert (run_dir / "best" / "editor.yaml").is_file()
