@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .bootstrap import Bootstrap, difference_interval
 from .eval_metrics import metric_names
-from .report import EDITS_FILE, SUMMARY_FILE, format_columns, table_sections
+from .report import EDITS_FILE, SUMMARY_FILE, format_columns, table_sections, value_cell
 
 
 @dataclass
@@ -108,13 +108,9 @@ def significant(interval) -> bool | None:
 
 def _diff_cell(diff, interval, percent: bool = True) -> str:
     """"+3.2 [+1.0, +5.1]", with " n.s." when the interval contains 0."""
-    if diff is None:
-        return "-"
-    scale = 100.0 if percent else 1.0
-    text = f"{scale * diff:+.1f}"
-    if interval is not None:
-        text += f" [{scale * interval[0]:+.1f}, {scale * interval[1]:+.1f}]"
-        text += "" if significant(interval) else " n.s."
+    text = value_cell(diff, interval, percent, signed=True)
+    if diff is not None and interval is not None and not significant(interval):
+        text += " n.s."
     return text
 
 

@@ -87,14 +87,16 @@ LOCALITY_NOTE = ("locality: agreement with the unedited model; locality_gt: edit
                  "locality_ceiling: unedited model vs the true answers (what 100% agreement scores)")
 
 
-def _cell(value, interval=None, percent: bool = True) -> str:
-    """"71.3 [65.0, 77.4]": the value and its interval, in % unless ``percent`` is False."""
+def value_cell(value, interval=None, percent: bool = True, signed: bool = False) -> str:
+    """"71.3 [65.0, 77.4]": the value and its interval, in % unless ``percent`` is False; with
+    ``signed``, every number carries its sign ("+3.2 [+1.0, +5.1]", for differences)."""
     if value is None:
         return "-"
     scale = 100.0 if percent else 1.0
-    text = f"{scale * value:.1f}"
+    spec = "+.1f" if signed else ".1f"
+    text = f"{scale * value:{spec}}"
     if interval is not None:
-        text += f" [{scale * interval[0]:.1f}, {scale * interval[1]:.1f}]"
+        text += f" [{scale * interval[0]:{spec}}, {scale * interval[1]:{spec}}]"
     return text
 
 
@@ -133,10 +135,10 @@ def format_table(report: EvalReport) -> str:
     present = {m for n in names for m, v in stats[n]["metrics"].items() if v is not None}
     blocks = []
     for title, metrics in table_sections(present):
-        rows = [[m] + [_cell(stats[n]["metrics"].get(m), stats[n].get("intervals", {}).get(m)) for n in names]
+        rows = [[m] + [value_cell(stats[n]["metrics"].get(m), stats[n].get("intervals", {}).get(m)) for n in names]
                 for m in metrics]
         blocks.append((title, rows))
-    blocks.append((None, [["ms/edit"] + [_cell(stats[n]["ms_per_edit"], stats[n].get("ms_per_edit_interval"),
+    blocks.append((None, [["ms/edit"] + [value_cell(stats[n]["ms_per_edit"], stats[n].get("ms_per_edit_interval"),
                                                 percent=False) for n in names]]))
     settings = report.settings
     title = f"mode={report.mode}  edits={settings.get('n_records')}  model={report.meta.get('model')}"
