@@ -16,6 +16,7 @@ import argparse
 
 import mend
 from mend.data import load_records
+from mend.preserved import locality_texts
 
 
 def main(argv=None) -> None:
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
 
     editor = mend.Editor.load(args.editor, lifelong=True, device=args.device)
     records = load_records(args.data, limit=args.limit)
-    texts = [f"{probe.prompt} {probe.answer}" for record in records for probe in record.locality]
+    texts = locality_texts(records)
     if not texts:
         raise SystemExit(f"{args.data} has no locality probes to preserve")
     editor.preserve(texts)

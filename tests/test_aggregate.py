@@ -8,7 +8,7 @@ import torch
 
 import mend.editor
 from mend import Editor
-from mend.aggregate import aggregate_facts, aggregate_grouped, grouped_updates, own_values
+from mend.aggregate import MomentBasis, aggregate_facts, aggregate_grouped, grouped_updates, own_values
 from mend.batching import encode_pairs
 from mend.capture import capture_rank1
 from mend.config import Aggregation
@@ -107,6 +107,40 @@ def test_a_remembered_key_moment_keeps_the_update_off_earlier_keys():
                               moment=100.0 * earlier.t() @ earlier))
     moved = lambda update: float((earlier.double() @ update.t()).norm())
     assert moved(kept) < 0.05 * moved(free)
+
+
+def test_the_grouped_solve_with_a_moment_is_the_edit_time_d_space_solve():
+    generic = torch.randn(40, 16)
+    moment = 3.0 * generic.t() @ generic / 40  # a weighted preserved key moment (16, 16)
+    keys, deltas = torch.randn(7, 16, requires_grad=True), torch.randn(7, 8)
+    facts = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    groups = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    rho = torch.tensor(0.05, requires_grad=True)
+    padded = [pad_by_group(x, groups, 2) for x in (keys, deltas)]
+    padded_facts = pad_by_group((facts + 1).double()[:, None], groups, 2)[..., 0].long() - 1
+    k_g, d_g, _ = aggregate_grouped(*padded, padded_facts, LR, aggregation=RIDGE, rho=rho,
+                                    moment=MomentBasis.of(moment))
+    for g in range(2):
+        mine = groups == g
+        n = int(mine.sum())
+        flat = aggregate_facts(keys[mine], deltas[mine], LR, facts[mine] - facts[mine].min(), aggregation=RIDGE,
+                               rho=rho, moment=moment)
+        torch.testing.assert_close(dw((k_g[g, :n], d_g[g, :n], LR)), dw(flat), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(dw((k_g[g], d_g[g], LR)), dw(flat), rtol=1e-4, atol=1e-6)  # padding adds nothing
+    (d_g.sum() + k_g.sum()).backward()
+    assert keys.grad is not None and rho.grad is not None and rho.grad != 0
+
+
+def test_a_preserved_moment_moves_generic_keys_less_than_the_plain_solve():
+    generic = torch.randn(200, 16) * torch.linspace(3.0, 0.1, 16)  # generic text lives in the first directions
+    keys, deltas = torch.randn(1, 16, dtype=torch.float64).float(), torch.randn(1, 8)
+    one = torch.zeros(1, dtype=torch.long)[None]
+    plain = aggregate_grouped(keys[None], deltas[None], one, LR, aggregation=RIDGE, rho=torch.tensor(1e-3))
+    kept = aggregate_grouped(keys[None], deltas[None], one, LR, aggregation=RIDGE, rho=torch.tensor(1e-3),
+                             moment=MomentBasis.of(10.0 * generic.t() @ generic / 200))
+    moved = lambda f: float((generic.double() @ dw((f[0][0], f[1][0], LR)).t()).norm())
+    own = lambda f: float((keys.double() @ dw((f[0][0], f[1][0], LR)).t()).norm())
+    assert moved(kept) / own(kept) < 0.5 * moved(plain) / own(plain)
 
 
 def test_own_values_are_each_facts_gram_times_its_deltas():

@@ -122,7 +122,7 @@ def test_override_values_are_typed(tmp_path):
         ("data.format=csv", "data.format"),
         ("eval.mode=parallel", "eval.mode"),
         ("eval.wild_template=no-placeholder", "eval.wild_template must contain {prompt}"),
-        ("eval.wild_max_new_tokens=0", "eval.wild_max_new_tokens"),
+        ("eval.wild_max_new_tokens=-1", "eval.wild_max_new_tokens"),
         ("eval.bootstrap_samples=-1", "eval.bootstrap_samples"),
         ("eval.bootstrap_confidence=1.5", "eval.bootstrap_confidence"),
         ("editor.rank", "key=value"),  # no value at all

@@ -444,7 +444,7 @@ def test_printed_table(setup, capsys):
     ({"batch_size": 0}, "batch_size"),
     ({"curve_every": 0}, "curve_every"),
     ({"curve_sample": 0}, "curve_sample"),
-    ({"wild_max_new_tokens": 0}, "wild_max_new_tokens"),
+    ({"wild_max_new_tokens": -1}, "wild_max_new_tokens"),
     ({"wild_template": "no placeholder"}, "exactly once"),
 ])
 def test_bad_arguments(setup, kwargs, match):

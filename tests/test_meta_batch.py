@@ -116,6 +116,28 @@ def test_meta_batch_rows_and_groups(n_edits):
     assert batch.pre_loss_rows().tolist() == [True] * 4 + [False] * 4
 
 
+def test_several_locality_probes_per_record_come_record_by_record_own_neighbour_first():
+    records = make_records(6)
+    sampler = EditSampler(records, 3, seed=0)
+    chosen = sampler.records_for_step(2)
+    equivalents, one = sampler.choose(2, chosen)
+    _, three = sampler.choose(2, chosen, loc_probes=3)
+    assert len(three) == 9
+    assert [three[3 * i] for i in range(3)] == one  # the first probe of each record is the one loc_probes=1 draws
+    assert all(three[3 * i] in r.locality for i, r in enumerate(chosen))
+    pool = {probe for r in records for probe in r.locality}
+    assert set(three) <= pool
+
+    tokenizer = CharTokenizer()
+    batch = build_meta_batch(tokenizer, chosen, equivalents, three, max_length=64)
+    assert (batch.n_edit, batch.n_equiv, batch.n_loc) == (3, 3, 9)
+    assert torch.equal(batch.locality_groups, torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    assert torch.equal(batch.pre_groups, torch.cat([torch.arange(3), batch.locality_groups]))
+    assert torch.equal(batch.post_groups, torch.cat([torch.arange(3), torch.arange(3), batch.locality_groups]))
+    with pytest.raises(ValueError, match="locality probes for 3 records"):
+        build_meta_batch(tokenizer, chosen, equivalents, three[:8], max_length=64)
+
+
 def test_token_kinds_label_each_target_token_by_its_row_kind():
     tokenizer = CharTokenizer()
     records = make_records(3)

@@ -242,6 +242,67 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path):
     assert load_train_state(tmp_path / "state", fresh, trainer_optimizer(fresh)).stopped_early
 
 
+# ---------------------------------------------------------------- the quality levers
+def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solve(tmp_path, capsys):
+    from mend.aggregate import grouped_updates
+    from mend.batching import encode_pairs
+    from mend.capture import capture_rank1
+
+    model, tokenizer = tiny_model("llama")
+    common = ["train.max_steps=4", "train.val_every=2", "train.preserve_records=6", "editor.preserve_weight=50"]
+    result = run(tmp_path / "a", *common, model=model, tokenizer=tokenizer)
+    assert "preserved knowledge: computed from 6 texts" in capsys.readouterr().out
+    editor = Editor.load(result.best_dir, model, tokenizer)
+    assert sorted(editor.preserved) == sorted(t.name for t in editor.targets)
+    run(tmp_path / "b", *common, model=model, tokenizer=tokenizer)  # a second run reads the cached moments
+    assert "preserved knowledge: read" in capsys.readouterr().out
+
+    # the meta-training solve (n-space, eigenbasis) and the edit-time solve (d-space) give one update
+    _, bases = trainer.open_preserved(model, tokenizer, editor.targets, tiny_records(), config(tmp_path / "a", *common), "cpu")
+    batch = encode_pairs(tokenizer, ["Bees make"], ["glue"])
+    networks = editor.networks.eval()  # frozen statistics, as at edit time
+    capture = capture_rank1(model, networks.targets, batch, row_groups=torch.arange(1))
+    trained = grouped_updates(networks, capture, torch.zeros(1, dtype=torch.long), 1, moments=bases)
+    at_edit, _, _ = editor.compute_updates([("Bees make", "glue")])
+    for name, (keys, deltas, lr) in trained.items():
+        torch.testing.assert_close(-lr * deltas[0].t() @ keys[0], at_edit[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_learning_rates_warm_up_then_follow_a_cosine_to_zero(tmp_path):
+    cfg = config(tmp_path, "train.max_steps=10", "train.warmup_steps=2", "train.lr_decay=cosine")
+    factors = [trainer.learning_rate_factor(step, cfg) for step in range(10)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == 1.0 and factors[2:] == sorted(factors[2:], reverse=True) and factors[-1] < 0.05
+    flat = config(tmp_path, "train.max_steps=10")
+    assert {trainer.learning_rate_factor(step, flat) for step in range(10)} == {1.0}
+
+
+def test_a_run_stops_and_validates_once_its_minutes_are_spent(tmp_path, capsys):
+    result = run(tmp_path, "train.max_steps=50", "train.val_every=20", "train.max_minutes=1e-6")
+    assert result.progress.step == 1 and result.progress.best_step == 1
+    assert steps(read_jsonl(tmp_path / "log.jsonl"), "val") == [1]
+    assert "train.max_minutes=1e-06 reached at step 1" in capsys.readouterr().out
+
+
+def test_several_locality_probes_and_an_update_penalty_train(tmp_path):
+    result = run(tmp_path, "train.max_steps=4", "train.val_every=4", "train.log_every=2", "train.loc_probes=3",
+                 "train.c_norm=10")
+    log = [line for line in read_jsonl(tmp_path / "log.jsonl") if line["split"] == "train"]
+    assert all(line["update_size"] > 0 and math.isfinite(line["loss"]) for line in log)
+    assert result.progress.skipped_steps == 0
+
+
+def test_the_update_penalty_is_the_relative_frobenius_norm_of_each_edit():
+    from mend.objective import update_sizes
+
+    model, _ = tiny_model("llama")
+    targets = resolve_targets(model, None, 2)
+    edits = {t.name: (torch.randn(3, 4, t.d_in), torch.randn(3, 4, t.d_out), torch.tensor(0.7)) for t in targets}
+    expected = sum(torch.stack([(0.7 * d.t() @ k).pow(2).sum() for k, d in zip(keys, deltas)])
+                   / model.get_parameter(name).pow(2).sum() for name, (keys, deltas, _) in edits.items())
+    torch.testing.assert_close(update_sizes(model, edits), expected)
+
+
 # ---------------------------------------------------------------- two processes
 def free_port() -> int:
     with socket.socket() as s:

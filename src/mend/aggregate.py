@@ -32,6 +32,8 @@ rows by hooks (`mend.grouped_edit`) exactly like a single one. What the maths sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import Aggregation
@@ -84,11 +86,16 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
         deltas: (n, d_out) transformed output gradients delta~ of the same positions.
         facts: (n,) the fact each position belongs to.
         rho: the matrix's relative ridge regulariser (scalar).
-        moment: (d_in, d_in) key second moment C to keep in the solve (lifelong), or None.
+        moment: (d_in, d_in) key second moment C to keep in the solve (lifelong), a `MomentBasis` of a
+            fixed one (the same solve in n-space, much cheaper for a few facts), or None.
         space: "n" or "d" forces a form of the solve (tests); "auto" takes the smaller one.
     """
     if Aggregation(aggregation) == Aggregation.sum:
         return keys, deltas, lr
+    if isinstance(moment, MomentBasis):  # a fixed moment in its eigenbasis: the n-space push-through form
+        k_new, d_new, _ = aggregate_grouped(keys[None], deltas[None], facts[None], lr, aggregation=aggregation,
+                                            rho=rho, moment=moment)
+        return k_new[0], d_new[0], lr
     n, d_in = keys.shape
     lam = ridge_lambda(keys, rho)
     k64 = keys.double()
@@ -105,17 +112,45 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
     return k_new.to(keys.dtype), own_values(keys, deltas, facts).to(deltas.dtype), lr
 
 
+@dataclass
+class MomentBasis:
+    """A fixed key moment C = Q diag(e) Q^T in its eigenbasis, so that ``(C + lambda I)^-1`` costs two
+    (n, d) x (d, d) products for any lambda, differentiably (meta-training with preserved knowledge).
+
+    Attributes: basis Q (d, d) float32, eigenvalues e (d,) float64, clamped at 0.
+    """
+
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
+
+    @classmethod
+    def of(cls, moment: torch.Tensor) -> "MomentBasis":
+        """The eigenbasis of a symmetric positive semi-definite (d, d) moment."""
+        eigenvalues, basis = torch.linalg.eigh(moment.double())
+        return cls(basis.float(), eigenvalues.clamp(min=0))
+
+    def to(self, device) -> "MomentBasis":
+        return MomentBasis(self.basis.to(device), self.eigenvalues.to(device))
+
+
 def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr: torch.Tensor, *,
-                      aggregation: Aggregation, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      aggregation: Aggregation, rho: torch.Tensor,
+                      moment: MomentBasis | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The n-space solve for G independent edits at once, differentiable (meta-training).
 
     Args:
         keys: (G, n, d_in), deltas: (G, n, d_out), zero-padded per group (`pad_by_group`).
         facts: (G, n) the fact of each position, -1 on padding.
+        moment: a fixed key moment C kept in every group's solve (preserved knowledge), or None.
 
     Returns:
         (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`. Padding rows
         stay zero: their row of U U^T + lambda I is lambda on the diagonal and their value is zero.
+
+    With C, the update is the d-space solve `aggregate_facts` makes at edit time,
+    ``dW = -lr (G D)^T U (U^T U + C + lambda I)^-1``, computed in n-space by the push-through identity
+    ``U (U^T U + A)^-1 = (I + U A^-1 U^T)^-1 U A^-1`` with ``A = C + lambda I``:
+    K = U A^-1 and D' = (I + U A^-1 U^T)^-1 G D. Padding keys are zero, so they stay out of the solve.
     """
     if Aggregation(aggregation) == Aggregation.sum:
         return keys, deltas, lr
@@ -126,18 +161,26 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
     values = torch.bmm(gram * same, d64)  # (G, n, d_out) = G D per group
     lam = ridge_lambda(keys, rho, valid)  # (G,)
     eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
-    lhs = gram + lam[:, None, None] * eye  # (G, n, n)
-    d_new = solve_spd(lhs, values)  # (G, n, d_out)
-    return keys, d_new.to(deltas.dtype), lr
+    if moment is None:
+        lhs = gram + lam[:, None, None] * eye  # (G, n, n)
+        return keys, solve_spd(lhs, values).to(deltas.dtype), lr
+    rotated = keys.float() @ moment.basis  # (G, n, d_in): U Q
+    inverse = 1.0 / (moment.eigenvalues[None, :] + lam[:, None])  # (G, d_in): (e + lambda)^-1
+    scaled = rotated.double() * inverse[:, None, :]  # (G, n, d_in): U Q (E + lambda)^-1
+    k_new = scaled.float() @ moment.basis.t()  # (G, n, d_in) = U A^-1
+    lhs = eye + torch.bmm(scaled, rotated.double().transpose(1, 2))  # (G, n, n) = I + U A^-1 U^T
+    return k_new.to(keys.dtype), solve_spd(lhs, values).to(deltas.dtype), lr
 
 
-def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: int, aggregation=None) -> dict:
+def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: int, aggregation=None,
+                    moments: dict[str, MomentBasis] | None = None) -> dict:
     """Transform a capture's factors and aggregate each edit group's facts (one batch row = one fact):
     name -> (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`.
 
     With ``aggregation`` sum this is the plain per-group padding of the transformed factors. The
     capture should give every fact its own loss (``row_groups`` = one group per row), so that no
-    fact's gradient is divided by the number of facts in its edit.
+    fact's gradient is divided by the number of facts in its edit. ``moments``: name -> the key moment
+    each matrix's solve keeps (preserved knowledge, already weighted), for ridge aggregation.
     """
     aggregation = Aggregation(aggregation if aggregation is not None else networks.config.aggregation)
     position_groups = groups_of_rows[capture.rows]  # (N,)
@@ -147,5 +190,6 @@ def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: i
     for name, (u_t, delta_t, lr) in networks.transform_factors(capture.factors).items():
         keys = pad_by_group(u_t, position_groups, n_groups)  # (G, n, d_in)
         deltas = pad_by_group(delta_t, position_groups, n_groups)  # (G, n, d_out)
-        out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name])
+        out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name],
+                                      moment=None if moments is None else moments.get(name))
     return out

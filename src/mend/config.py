@@ -104,6 +104,15 @@ class TrainConfig:
     lr_lr: float = 1e-3  # Adam learning rate of the per-matrix step sizes (in log space)
     c_edit: float = 1.0  # weight of the edit loss (edit + paraphrase NLL)
     c_loc: float = 1.0  # weight of the locality loss (KL to the pre-edit model)
+    loc_probes: int = 1  # locality probes per edited fact: its own neighbour, then probes of other records
+    c_norm: float = 0.0  # weight of the update-size penalty: sum over matrices of ||dW||_F^2 / ||W||_F^2
+    # Preserved knowledge in every meta-training solve (`mend.preserved`): the key second moment of the
+    # locality probes of this many training records, weighted by editor.preserve_weight and saved with
+    # the editor, which then solves with it at edit time too. 0 = none (the plain ridge solve).
+    preserve_records: int = 0
+    warmup_steps: int = 0  # linear warm-up of both learning rates over this many steps
+    lr_decay: str = "none"  # none | cosine: decay both learning rates to 0 at max_steps
+    max_minutes: Optional[float] = None  # stop (and validate) once training has run this long; null = no limit
     grad_clip: float = 100.0
     val_every: int = 100
     val_records: int = 100
@@ -116,7 +125,7 @@ class TrainConfig:
     # auto (in memory when they fit in half the free memory, else memory-mapped) | memory | disk | none
     prefix_cache: PrefixCacheMode = PrefixCacheMode.auto
     prefix_cache_dtype: str = "float32"  # float32 | bfloat16 | float16: the lower two halve the cache, inexactly
-    prefix_cache_dir: Optional[str] = None  # null: $MEND_CACHE_DIR/prefix, reused by every run with the same key
+    prefix_cache_dir: Optional[str] = None  # null: $MEND_CACHE_DIR/prefix, reused by every run with the same key (preserved knowledge too)
 
 
 @dataclass
@@ -130,7 +139,7 @@ class EvalConfig:
     ft_lr: float = 5e-4
     ftl_norm: float = 5e-4  # L-infinity radius of FT-L
     wild_template: str = DEFAULT_WILD_TEMPLATE  # QA context of WILD answers; {prompt} marks the probe's prompt
-    wild_max_new_tokens: int = DEFAULT_WILD_MAX_NEW_TOKENS  # token cap of a WILD answer
+    wild_max_new_tokens: int = DEFAULT_WILD_MAX_NEW_TOKENS  # token cap of a WILD answer; 0 = no WILD answers
     bootstrap_samples: int = DEFAULT_BOOTSTRAP_SAMPLES  # resamples of each confidence interval; 0 = none
     bootstrap_seed: int = 0
     bootstrap_confidence: float = DEFAULT_CONFIDENCE
@@ -246,6 +255,18 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.format must be auto, counterfact, zsre or knowedit, got {cfg.data.format!r}")
     if cfg.data.on_invalid not in ("raise", "skip"):
         raise ConfigError(f"data.on_invalid must be raise or skip, got {cfg.data.on_invalid!r}")
+    if cfg.train.loc_probes < 1:
+        raise ConfigError(f"train.loc_probes must be >= 1, got {cfg.train.loc_probes}")
+    for key in ("c_norm", "c_edit", "c_loc"):
+        if not cfg.train[key] >= 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
+    if cfg.train.preserve_records < 0 or cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.preserve_records and train.warmup_steps must be >= 0, got "
+                          f"{cfg.train.preserve_records}, {cfg.train.warmup_steps}")
+    if cfg.train.lr_decay not in ("none", "cosine"):
+        raise ConfigError(f"train.lr_decay must be none or cosine, got {cfg.train.lr_decay!r}")
+    if cfg.train.max_minutes is not None and not cfg.train.max_minutes > 0:
+        raise ConfigError(f"train.max_minutes must be > 0 or null, got {cfg.train.max_minutes}")
     if cfg.train.prefix_cache_dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"train.prefix_cache_dtype must be float32, bfloat16 or float16, "
                           f"got {cfg.train.prefix_cache_dtype!r}")
@@ -253,8 +274,8 @@ def validate(cfg) -> None:
         raise ConfigError(f"eval.mode must be single, batch or sequential, got {cfg.eval.mode!r}")
     if cfg.eval.wild_template.count(WILD_PLACEHOLDER) != 1:
         raise ConfigError(f"eval.wild_template must contain {WILD_PLACEHOLDER} exactly once, got {cfg.eval.wild_template!r}")
-    if cfg.eval.wild_max_new_tokens < 1:
-        raise ConfigError(f"eval.wild_max_new_tokens must be >= 1, got {cfg.eval.wild_max_new_tokens}")
+    if cfg.eval.wild_max_new_tokens < 0:
+        raise ConfigError(f"eval.wild_max_new_tokens must be >= 0 (0 = no WILD answers), got {cfg.eval.wild_max_new_tokens}")
     if cfg.eval.bootstrap_samples < 0:
         raise ConfigError(f"eval.bootstrap_samples must be >= 0 (0 = no intervals), got {cfg.eval.bootstrap_samples}")
     if not 0.0 < cfg.eval.bootstrap_confidence < 1.0:

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .aggregate import aggregate_facts
+from .aggregate import MomentBasis, aggregate_facts
 from .batching import check_pairs, encode_pairs
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
@@ -166,16 +166,29 @@ class Editor:
         self.preserved = check_moments(key_moments(self.model, self.targets, self.tokenizer, list(texts),
                                                    max_length=self.max_length, batch_size=batch_size), self.targets)
 
-    def _moment(self, name: str) -> torch.Tensor | None:
-        """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep."""
+    def _moment(self, name: str):
+        """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep.
+        Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve."""
         config = self.networks.config
         parts = []
         remembered = self.memory.moment(name) if self.memory is not None else None
         if remembered is not None and config.memory_weight > 0:
             parts.append(config.memory_weight * remembered.double())
         if name in self.preserved and config.preserve_weight > 0:
+            if not parts:
+                return self._preserved_basis(name, config.preserve_weight)
             parts.append(config.preserve_weight * self.preserved[name].to(self.device, torch.float64))
         return sum(parts[1:], parts[0]) if parts else None
+
+    def _preserved_basis(self, name: str, weight: float) -> MomentBasis:
+        """The eigenbasis of ``weight * preserved[name]``, kept until either changes."""
+        cache = self.__dict__.setdefault("_basis_cache", {})
+        moment = self.preserved[name]
+        held = cache.get(name)
+        if held is None or held[0] is not moment or held[1] != weight:
+            held = (moment, weight, MomentBasis.of(weight * moment.to(self.device, torch.float64)))
+            cache[name] = held
+        return held[2]
 
     def _require_memory(self, what: str) -> None:
         if self.memory is None:

@@ -196,14 +196,16 @@ def predict(model, tokenizer, probes: Probes, *, max_length: int = 128, wild_tem
     """The model's teacher-forced predictions, greedy continuations and WILD answers on every probe."""
     answer_ids, argmax, answer_logprob, contrast_logprob = _teacher_forced(model, tokenizer, probes, max_length)
     n = len(probes)
-    # greedy-prefix rows (fixed length) and WILD rows (templated, natural stop) in one decode
+    # greedy-prefix rows (fixed length) and WILD rows (templated, natural stop) in one decode;
+    # wild_max_new_tokens=0 leaves WILD out
+    wild = wild_max_new_tokens > 0
     stop = StopAtAnswerEnd(tokenizer)
-    prompts = list(probes.prompts) + [apply_template(wild_template, p) for p in probes.prompts]
-    lengths = [len(a) + GEN_EXTRA_TOKENS for a in answer_ids] + [wild_max_new_tokens] * n
-    new = greedy_decode(model, tokenizer, prompts, lengths, [None] * n + [stop] * n)
+    prompts = list(probes.prompts) + ([apply_template(wild_template, p) for p in probes.prompts] if wild else [])
+    lengths = [len(a) + GEN_EXTRA_TOKENS for a in answer_ids] + [wild_max_new_tokens] * (n if wild else 0)
+    new = greedy_decode(model, tokenizer, prompts, lengths, [None] * n + [stop] * (n if wild else 0))
     generated = new[:n]
     texts = [decode(tokenizer, g) for g in generated]
-    wild_texts = [cut_answer(decode(tokenizer, g)) for g in new[n:]]
+    wild_texts = [cut_answer(decode(tokenizer, g)) for g in new[n:]] if wild else None
     return Predictions(answer_ids, argmax, generated, texts, answer_logprob, contrast_logprob, wild_texts)
 
 

@@ -73,6 +73,19 @@ class _Run:
         self.device = next(model.parameters()).device
         self.apply_seconds = 0.0
         self.n_edits = 0
+        # the matrices the method edits, with their unedited values: the size of the change it made
+        params = dict(model.named_parameters())
+        names = [t.name for t in getattr(method, "targets", None) or getattr(getattr(method, "editor", None), "targets", [])]
+        self.original = {name: params[name].detach().clone() for name in names if name in params}
+
+    def relative_update(self) -> float | None:
+        """max over the edited matrices of ||W - W0||_F / ||W0||_F, the model as it is now; None when
+        the method names no matrices."""
+        if not self.original:
+            return None
+        params = dict(self.model.named_parameters())
+        return max(float((params[name].detach() - w0).float().norm() / w0.float().norm().clamp(min=1e-12))
+                   for name, w0 in self.original.items())
 
     def apply(self, indices: list[int]) -> float:
         """Apply the edits of records ``indices`` together; returns ms per edit."""
@@ -89,11 +102,13 @@ class _Run:
     def measure(self, i: int, ms_per_edit: float | None, **extra) -> dict:
         """Score record i on the model as it is now; one row of ``edits.jsonl``."""
         post: Predictions = predict(self.model, self.tokenizer, self.probes[i], **self.measure_kwargs)
+        size = self.relative_update()
+        update = {} if size is None else {"relative_update": size}
         record = self.records[i]
         return {"method": self.name, "mode": self.mode, "index": i, "case_id": record.case_id,
                 "prompt": record.prompt, "target": record.target, "generated": post.texts[0],
-                "wild_answer": post.wild_texts[0], **extra, "ms_per_edit": ms_per_edit,
-                **score(self.probes[i], post, self.pre[i], self.split)}
+                "wild_answer": post.wild_texts[0] if post.wild_texts else None, **extra, "ms_per_edit": ms_per_edit,
+                **score(self.probes[i], post, self.pre[i], self.split), **update}
 
 
 def _single(run: _Run, n: int, **_) -> tuple[list[dict], list[dict]]:
@@ -178,7 +193,7 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
             curve point; None = all applied so far.
         max_length: longest probe prompt + answer in tokens (the editor's ``max_length``).
         wild_template: the question-answering context of WILD answers (``{prompt}`` marks the probe).
-        wild_max_new_tokens: the most tokens of a WILD answer.
+        wild_max_new_tokens: the most tokens of a WILD answer; 0 leaves WILD answers out.
         bootstrap: how confidence intervals are drawn (default: 1000 resamples, seed 0, 95%).
         out_dir: when given, write the outputs there (`mend.report.write_report`).
         progress: show tqdm bars and print the table at the end.
@@ -195,7 +210,7 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     for what, value in (("batch_size", batch_size), ("curve_every", curve_every), ("max_length", max_length),
                         ("wild_max_new_tokens", wild_max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if what == "wild_max_new_tokens" else 1):
             raise ValueError(f"{what} must be a positive integer, got {value!r}")
     if curve_sample is not None and (not isinstance(curve_sample, int) or curve_sample < 1):
         raise ValueError(f"curve_sample must be None or a positive integer, got {curve_sample!r}")
@@ -241,6 +256,9 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         summary[name] = {"n_edits": run.n_edits, "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
                          "ms_per_edit_interval": intervals.pop("ms_per_edit"), "metrics": means,
                          "intervals": intervals, "settings": settings}
+        sizes = [row["relative_update"] for row in rows if row.get("relative_update") is not None]
+        if sizes:  # the mean over measurements of the largest relative change of an edited matrix
+            summary[name]["relative_update"] = sum(sizes) / len(sizes)
 
     meta = dict(meta or {})
     provenance = {"data": meta.pop("data", None),

@@ -45,8 +45,10 @@ class MetaBatch:
         post: edit rows, equivalence rows, locality rows, for the edited forward.
         n_edit, n_equiv, n_loc: row counts of each kind.
         groups: (n_edit,) the edit (group) each record belongs to; equivalence and locality rows follow
-            their record, so ``pre`` rows have groups ``[groups, groups]`` and ``post`` rows
-            ``[groups, groups, groups]``.
+            their record, so ``pre`` rows have groups ``[groups, loc_groups]`` and ``post`` rows
+            ``[groups, groups, loc_groups]``.
+        loc_groups: (n_loc,) the edit of each locality row: ``groups`` repeated for the probes of
+            each record (``n_loc`` is a multiple of ``n_edit``), probes of one record consecutive.
         n_groups: number of independent edits.
         prefix: the rows' cached hidden states, when meta-training starts at the lowest edited block.
     """
@@ -59,19 +61,25 @@ class MetaBatch:
     groups: torch.Tensor
     n_groups: int
     prefix: PrefixStates | None = None
+    loc_groups: torch.Tensor | None = None  # None: one probe per record, ``groups``
 
     def to(self, device) -> "MetaBatch":
         return MetaBatch(self.pre.to(device), self.post.to(device), self.n_edit, self.n_equiv, self.n_loc,
                          self.groups.to(device), self.n_groups,
-                         self.prefix.to(device) if self.prefix is not None else None)
+                         self.prefix.to(device) if self.prefix is not None else None,
+                         self.loc_groups.to(device) if self.loc_groups is not None else None)
+
+    @property
+    def locality_groups(self) -> torch.Tensor:
+        return self.groups if self.loc_groups is None else self.loc_groups
 
     @property
     def pre_groups(self) -> torch.Tensor:
-        return torch.cat([self.groups, self.groups])
+        return torch.cat([self.groups, self.locality_groups])
 
     @property
     def post_groups(self) -> torch.Tensor:
-        return torch.cat([self.groups, self.groups, self.groups])
+        return torch.cat([self.groups, self.groups, self.locality_groups])
 
     def pre_loss_rows(self) -> torch.Tensor:
         """(B_pre,) True on the edit rows of ``pre``."""
@@ -104,24 +112,28 @@ class EditSampler:
         start = (index * self.world + self.rank) * self.per_step
         return [self.records[i] for i in order[start : start + self.per_step]]
 
-    def choose(self, step: int, records: list[EditRecord]):
-        """Pick one paraphrase and one locality probe per record, seeded by the step."""
+    def choose(self, step: int, records: list[EditRecord], loc_probes: int = 1):
+        """Pick one paraphrase and ``loc_probes`` locality probes per record, seeded by the step: one of
+        the record's own probes (its neighbour), then probes of any training record (unrelated facts).
+        The probes come record by record: ``loc_probes`` consecutive ones per record."""
         rng = random.Random(f"{self.seed}-{step}-{self.rank}")
         equivalents = [rng.choice(r.rephrases) if r.rephrases else r.prompt for r in records]  # no draw without paraphrases
-        localities = []
-        for r in records:
-            pool = r.locality or self.locality_pool
-            if not pool:
-                raise ValueError("no locality probes in the training data; meta-training needs them")
-            localities.append(rng.choice(pool))
+        if not self.locality_pool:
+            raise ValueError("no locality probes in the training data; meta-training needs them")
+        own = [rng.choice(r.locality or self.locality_pool) for r in records]
+        others = [[rng.choice(self.locality_pool) for _ in range(loc_probes - 1)] for _ in records]
+        localities = [probe for first, rest in zip(own, others) for probe in [first, *rest]]
         return equivalents, localities
 
 
 def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str], localities, *, max_length: int,
                      n_edits: int = 1, prefix_cache=None) -> MetaBatch:
     """Encode one step's records into pre-edit and post-edit batches; consecutive runs of ``n_edits``
-    records form one edit. With a `mend.prefix_cache.PrefixCache`, the rows' cached hidden states
-    come along (`MetaBatch.prefix`)."""
+    records form one edit. ``localities`` holds k probes per record, record by record (k >= 1). With a
+    `mend.prefix_cache.PrefixCache`, the rows' cached hidden states come along (`MetaBatch.prefix`)."""
+    if not localities or len(localities) % len(records):
+        raise ValueError(f"{len(localities)} locality probes for {len(records)} records: need the same number per record")
+    per_record = len(localities) // len(records)
     targets = [r.target for r in records]
     edit = encode_pairs(tokenizer, [r.prompt for r in records], targets, max_length=max_length, padding_side="right")
     equiv = encode_pairs(tokenizer, equivalents, targets, max_length=max_length, padding_side="right")
@@ -137,7 +149,8 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
     if prefix_cache is not None:
         prefix = PrefixStates(prefix_cache.start, prefix_cache.block_output, prefix_cache.gather(pre),
                               prefix_cache.gather(post))
-    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix)
+    loc_groups = groups.repeat_interleave(per_record) if per_record > 1 else None
+    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix, loc_groups)
 
 
 def token_kinds(batch: TokenBatch, counts: list[int]) -> torch.Tensor:

@@ -7,7 +7,11 @@
        (`mend.grouped_edit`: a batch of independent edits in one forward pass),
     4. L_edit = NLL of the target on edit and equivalence rows,
        L_loc  = KL(pre-edit || post-edit) next-token distributions on the locality answers,
-       L = c_edit * L_edit + c_loc * L_loc.
+       L_norm = mean over edits of sum over matrices of ||dW||_F^2 / ||W||_F^2 (the update's size),
+       L = c_edit * L_edit + c_loc * L_loc + c_norm * L_norm.
+
+With preserved knowledge (``moments``), each edit's solve keeps the key moment C, as at edit time
+(`mend.aggregate.aggregate_grouped`).
 """
 
 from __future__ import annotations
@@ -43,9 +47,24 @@ def _from_prefix(model, batch: MetaBatch, which: str):
     return starting_at_block(model, batch.prefix.start, getattr(batch.prefix, which), batch.prefix.block_output)
 
 
+def update_sizes(model, edits: dict) -> torch.Tensor:
+    """(G,) sum over matrices of ||dW_g||_F^2 / ||W||_F^2 for every edit g, from the low-rank factors:
+    ||lr D'^T K||_F^2 = lr^2 sum((K K^T) * (D' D'^T)), an (n, n) product per edit."""
+    total = 0.0
+    for name, (keys, deltas, lr) in edits.items():  # keys (G, n, d_in), deltas (G, n, d_out)
+        key_gram = torch.bmm(keys, keys.transpose(1, 2))  # (G, n, n)
+        delta_gram = torch.bmm(deltas, deltas.transpose(1, 2))  # (G, n, n)
+        weight_sq = model.get_parameter(name).detach().float().pow(2).sum()
+        total = total + lr.pow(2) * (key_gram * delta_gram).sum((1, 2)) / weight_sq
+    return total
+
+
 def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float,
-                   bf16: bool = False) -> StepOutput:
-    """Loss and metrics of one batch of independent edits; backward through it trains the editor."""
+                   c_norm: float = 0.0, bf16: bool = False, moments: dict | None = None) -> StepOutput:
+    """Loss and metrics of one batch of independent edits; backward through it trains the editor.
+
+    ``moments``: name -> `mend.aggregate.MomentBasis` of the (weighted) preserved key moment of each
+    matrix, kept in every edit's ridge solve."""
     device = batch.pre.input_ids.device
     with _from_prefix(model, batch, "pre"):
         own_loss = torch.arange(len(batch.pre), device=device)  # every fact its own loss: none divided by n_edits
@@ -53,7 +72,7 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
     pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
 
-    edits = grouped_updates(networks, capture, batch.pre_groups, batch.n_groups)  # editor.aggregation
+    edits = grouped_updates(networks, capture, batch.pre_groups, batch.n_groups, moments=moments)  # editor.aggregation
     with edits_by_row_group(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
             autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit
@@ -63,7 +82,13 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     edit_loss = mean_nll(post_logits[is_edit], target_ids[is_edit])
     loc_logits = post_logits[kinds == LOC]
     loc_loss = kl_to_reference(loc_logits, pre_loc_logits)
-    loss = c_edit * edit_loss + c_loc * loc_loss
+    if c_norm > 0:
+        sizes = update_sizes(model, edits)  # (G,)
+    else:
+        with torch.no_grad():
+            sizes = update_sizes(model, edits)
+    norm_loss = sizes.mean()
+    loss = c_edit * edit_loss + c_loc * loc_loss + (c_norm * norm_loss if c_norm > 0 else 0.0)
 
     with torch.no_grad():
         hits = token_hits(post_logits, target_ids)
@@ -72,6 +97,7 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
             "loss": loss.detach(),
             "edit_loss": edit_loss.detach(),
             "loc_loss": loc_loss.detach(),
+            "update_size": norm_loss.detach().sqrt(),  # root of the mean summed squared relative norm
             "pre_edit_loss": capture.loss,
             "edit_acc": hits[kinds == EDIT].mean(),
             "equiv_acc": hits[kinds == EQUIV].mean(),

@@ -140,6 +140,8 @@ def format_table(report: EvalReport) -> str:
         blocks.append((title, rows))
     blocks.append((None, [["ms/edit"] + [value_cell(stats[n]["ms_per_edit"], stats[n].get("ms_per_edit_interval"),
                                                 percent=False) for n in names]]))
+    if any(stats[n].get("relative_update") is not None for n in names):
+        blocks.append((None, [["max ||dW||/||W|| (%)"] + [value_cell(stats[n].get("relative_update"), None) for n in names]]))
     settings = report.settings
     title = f"mode={report.mode}  edits={settings.get('n_records')}  model={report.meta.get('model')}"
     boot = settings.get("bootstrap") or {}

@@ -26,7 +26,7 @@ from .targets import resolve_targets
 from .train_state import Progress, load_train_state, save_train_state
 from .training_log import JsonlLog, plot_training_curves
 
-METRICS = ("loss", "edit_loss", "loc_loss", "pre_edit_loss", "edit_acc", "equiv_acc", "loc_agree")
+METRICS = ("loss", "edit_loss", "loc_loss", "pre_edit_loss", "edit_acc", "equiv_acc", "loc_agree", "update_size")
 
 
 def all_reduce_gradients(networks, world: int) -> None:
@@ -47,7 +47,7 @@ def all_reduce_gradients(networks, world: int) -> None:
 
 # keys that may change between a run and its resumption; any other change is a different run
 RESUMABLE_CHANGES = {"train.max_steps", "train.patience", "train.progress", "train.val_every", "train.log_every",
-                     "model.device", "train.prefix_cache", "train.prefix_cache_dir"}
+                     "model.device", "train.prefix_cache", "train.prefix_cache_dir", "train.max_minutes"}
 
 
 def check_resumable(state_dir: Path, cfg) -> None:
@@ -92,19 +92,40 @@ def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
     )
 
 
+def learning_rate_factor(step: int, cfg) -> float:
+    """The multiplier of both learning rates at ``step`` (0-based): linear warm-up over
+    ``train.warmup_steps``, then constant or a cosine decay to 0 at ``train.max_steps``."""
+    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.train.lr_decay == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def set_learning_rates(optimizer, cfg, step: int) -> None:
+    """Set each optimizer group's rate for ``step`` from its configured base rate (stateless, so a
+    resumed run follows the same schedule)."""
+    factor = learning_rate_factor(step, cfg)
+    for group, base in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.lr_lr)):
+        group["lr"] = base * factor
+
+
 def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1,
-                  prefix_cache=None):
+                  prefix_cache=None, moments=None):
     """One meta-training step; returns its `StepOutput` and whether the update was applied.
 
-    With a `mend.prefix_cache.PrefixCache` the step runs only the blocks from the lowest edited one on."""
-    # 1. data: this step's records, one paraphrase and one locality probe each (and their cached states)
+    With a `mend.prefix_cache.PrefixCache` the step runs only the blocks from the lowest edited one on;
+    ``moments`` (name -> `mend.aggregate.MomentBasis`) is the preserved knowledge every solve keeps."""
+    # 1. data: this step's records, one paraphrase and train.loc_probes locality probes each (and their cached states)
     chosen = sampler.records_for_step(step)
-    equivalents, localities = sampler.choose(step, chosen)
+    equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes)
     batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
                              n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
     out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                         bf16=cfg.train.bf16)
+                         c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments)
     out.loss.backward()
     if world > 1:
         all_reduce_gradients(networks, world)
@@ -112,6 +133,7 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     total_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.train.grad_clip)
     finite = bool(torch.isfinite(total_norm))
     if finite:
+        set_learning_rates(optimizer, cfg, step)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
@@ -125,7 +147,7 @@ def validation_score(metrics: dict) -> float:
 
 
 @torch.no_grad()
-def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None) -> dict:
+def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None, moments=None) -> dict:
     """Edit success, paraphrase success, locality agreement and losses over validation records
     (edits of n_edits facts, batch_size edits per forward), with the editor's statistics frozen."""
     was_training = networks.training
@@ -140,7 +162,7 @@ def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None
         batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
                                  n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
         out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                         bf16=cfg.train.bf16)
+                             c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments)
         for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
             sums[key] += float(out.metrics[key]) * len(chunk)
         weights += len(chunk)
@@ -194,6 +216,39 @@ def open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg
     return cache
 
 
+def _out_of_time(start: float, max_minutes, world: int, device) -> bool:
+    """Whether this run has trained for ``max_minutes`` (this process's clock; with several processes,
+    the main process decides for all, so that they stop at the same step)."""
+    if max_minutes is None:
+        return False
+    late = time.perf_counter() - start >= 60.0 * max_minutes
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if late else 0.0], device=device)
+        dist.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
+
+
+def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print):
+    """The preserved knowledge of a run with ``train.preserve_records`` > 0: (moments name -> C (d_in,
+    d_in), name -> `MomentBasis` of ``editor.preserve_weight * C`` for the solves); ({}, None) without."""
+    from .aggregate import MomentBasis
+    from .models import cache_dir
+    from .preserved import locality_texts, preserved_moments
+
+    if cfg.train.preserve_records == 0:
+        return {}, None
+    texts = locality_texts(train_records, cfg.train.preserve_records)
+    directory = Path(cfg.train.prefix_cache_dir) if cfg.train.prefix_cache_dir else cache_dir() / "prefix"
+    moments = preserved_moments(model, targets, tokenizer, texts, max_length=cfg.model.max_length,
+                                directory=directory, say=say)  # cached beside the prefix caches
+    weight = cfg.editor.preserve_weight
+    bases = {name: MomentBasis.of(weight * moment.double()).to(device) for name, moment in moments.items()} if weight > 0 else None
+    return moments, bases
+
+
 def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None) -> TrainResult:
     """Meta-train editor networks as configured; return where the best editor was written.
 
@@ -227,6 +282,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
                                      say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
     networks = MendNetworks(targets, cfg.editor).to(device)
     optimizer = make_optimizer(networks, cfg)
+    preserved, moments = open_preserved(model, tokenizer, targets, train_records, cfg, device,
+                                        say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
     run_dir = Path(cfg.train.out_dir)
     state_dir, best_dir = run_dir / "state", run_dir / "best"
     config_yaml = OmegaConf.to_yaml(cfg)
@@ -242,6 +299,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     per_step = cfg.train.batch_size * cfg.train.n_edits
     sampler = EditSampler(train_records, per_step, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     editor_view = Editor(model, tokenizer, networks, max_length=cfg.model.max_length, model_config=cfg.model)
+    editor_view.preserved = preserved  # saved with every checkpoint: the editor solves with it at edit time too
 
     def checkpoint(metrics):
         improved = metrics["score"] > progress.best_score
@@ -268,7 +326,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     first_step = progress.step
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
-                                    accelerator.num_processes, prefix_cache)
+                                    accelerator.num_processes, prefix_cache, moments)
         if not finite:
             progress.skipped_steps += 1
         progress.step += 1
@@ -288,9 +346,10 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
             running_count = 0
         if bar is not None:
             bar.update(1)
-        # 5. validate, keep the best, stop early when patience runs out
-        if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps:
-            metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache)
+        # 5. validate, keep the best, stop early when patience or train.max_minutes runs out
+        out_of_time = _out_of_time(start, cfg.train.max_minutes, accelerator.num_processes, device)
+        if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps or out_of_time:
+            metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache, moments)
             checkpoint(metrics)
             if log is not None:
                 log.write({"split": "val", "step": progress.step, **metrics})
@@ -303,6 +362,11 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
                 progress.stopped_early = True
                 if is_main:
                     save_train_state(state_dir, networks, optimizer, progress, config_yaml)
+            if out_of_time:
+                if is_main:
+                    print(f"train.max_minutes={cfg.train.max_minutes} reached at step {progress.step}; stopping "
+                          f"(resume with a larger limit to go on)", flush=True)
+                break
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
