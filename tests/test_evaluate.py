@@ -277,6 +277,22 @@ def test_modes_revert_bitwise_and_none_is_the_reference(setup, mode, unchanged):
     assert report.methods["ft"]["metrics"]["reliability_tf_acc"] > report.methods["none"]["metrics"]["reliability_tf_acc"]
 
 
+def test_each_measurement_records_the_largest_relative_change_of_an_edited_matrix(setup):
+    model, tok, methods = setup
+    records = _records(3)
+    report = evaluate({k: methods[k] for k in ("none", "mend", "ft")}, records, model, tok, mode="sequential",
+                      curve_every=3, wild_max_new_tokens=0, progress=False)
+    rows = {name: [r for r in report.rows if r["method"] == name] for name in ("none", "mend", "ft")}
+    assert all("relative_update" not in r for r in rows["none"])  # no matrices named, nothing measured
+    assert all(r["relative_update"] > 0 for r in rows["mend"] + rows["ft"])
+    # sequential: measured after the last edit, so every row sees the same accumulated change
+    assert len({r["relative_update"] for r in rows["mend"]}) == 1
+    assert report.methods["mend"]["relative_update"] == pytest.approx(rows["mend"][0]["relative_update"])
+    assert "max ||dW||/||W||" in report.table()
+    # WILD answers left out: no WILD metric, no WILD text
+    assert all(r["wild_answer"] is None and r.get("reliability_wild_em") is None for r in report.rows)
+
+
 def _knowedit_records(n=4):
     """Records with two portability kinds and two locality kinds (KnowEdit-like)."""
     return [

@@ -16,6 +16,7 @@ DEMO_EVAL_RECORDS = 40
 
 
 def run_demo(args) -> int:
+    from .answers import starts_with_answer
     from .baselines import build_methods
     from .cli import greedy_text
     from .config import load_config
@@ -44,20 +45,28 @@ def run_demo(args) -> int:
     # held out twice over: not trained on, and not among the validation records that chose the checkpoint
     records = load_records(cfg.data.val_path, cfg.data.format)[cfg.train.val_records :]
     print(f"[3/4] {DEMO_EDITS} held-out edits (facts the editor never saw in training):")
+    landed = 0
     for record in records[:DEMO_EDITS]:
         before = greedy_text(model, tokenizer, record.prompt, 8)
+        probe = record.locality[0] if record.locality else None
+        probe_before = greedy_text(model, tokenizer, probe.prompt, 8) if probe else ""
         with editor.edited(record.prompt, record.target) as result:
             after = greedy_text(model, tokenizer, record.prompt, 8)
             paraphrase = record.equivalents[0]
             after_paraphrase = greedy_text(model, tokenizer, paraphrase, 8)
-            probe = record.locality[0] if record.locality else None
             after_probe = greedy_text(model, tokenizer, probe.prompt, 8) if probe else ""
+        works = starts_with_answer(after, record.target)
+        landed += works
         print(f"\n  edit: {record.prompt!r} -> {record.target!r}   ({result.seconds * 1000:.0f} ms)")
         print(f"    before:      {before}")
-        print(f"    after:       {after}")
-        print(f"    paraphrase:  {paraphrase!r} -> {after_paraphrase}")
+        print(f"    after:       {after}   [{'edit works' if works else 'EDIT DID NOT WORK: the continuation does not start with the target'}]")
+        print(f"    paraphrase:  {paraphrase!r} -> {after_paraphrase}   "
+              f"[{'generalises' if starts_with_answer(after_paraphrase, record.target) else 'paraphrase NOT edited'}]")
         if probe:
-            print(f"    unrelated:   {probe.prompt!r} -> {after_probe} (true answer: {probe.answer})")
+            same = after_probe == probe_before
+            print(f"    unrelated:   {probe.prompt!r} -> {after_probe} (true answer: {probe.answer})   "
+                  f"[{'unchanged' if same else 'CHANGED by the edit; before: ' + probe_before}]")
+    print(f"\n  {landed} of {DEMO_EDITS} shown edits work (greedy continuation starts with the target)")
 
     print(f"\n[4/4] measuring {DEMO_EVAL_RECORDS} held-out edits, one at a time, for MEND, FT, FT-L and no edit")
     methods = build_methods(["none", "mend", "ft", "ft-l"], editor, model, tokenizer, cfg.eval, checkpoint=str(best))
