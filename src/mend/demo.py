@@ -63,9 +63,13 @@ def run_demo(args) -> int:
         print(f"    paraphrase:  {paraphrase!r} -> {after_paraphrase}   "
               f"[{'generalises' if starts_with_answer(after_paraphrase, record.target) else 'paraphrase NOT edited'}]")
         if probe:
-            same = after_probe == probe_before
-            print(f"    unrelated:   {probe.prompt!r} -> {after_probe} (true answer: {probe.answer})   "
-                  f"[{'unchanged' if same else 'CHANGED by the edit; before: ' + probe_before}]")
+            if after_probe == probe_before:
+                verdict = "unchanged"
+            elif after_probe.split()[:1] == probe_before.split()[:1]:
+                verdict = "same first word, later words changed; before: " + probe_before
+            else:
+                verdict = "CHANGED by the edit; before: " + probe_before
+            print(f"    unrelated:   {probe.prompt!r} -> {after_probe} (true answer: {probe.answer})   [{verdict}]")
     print(f"\n  {landed} of {DEMO_EDITS} shown edits work (greedy continuation starts with the target)")
 
     print(f"\n[4/4] measuring {DEMO_EVAL_RECORDS} held-out edits, one at a time, for MEND, FT, FT-L and no edit")
