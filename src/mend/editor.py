@@ -105,6 +105,7 @@ class Editor:
         self.memory: EditMemory | None = EditMemory.for_networks(networks, self.device) if lifelong else None
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
         self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
+        self._basis_cache: dict[str, tuple] = {}  # name -> (moment, weight, its MomentBasis)
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
         self._applied: list[EditResult] = []
@@ -182,12 +183,11 @@ class Editor:
 
     def _preserved_basis(self, name: str, weight: float) -> MomentBasis:
         """The eigenbasis of ``weight * preserved[name]``, kept until either changes."""
-        cache = self.__dict__.setdefault("_basis_cache", {})
         moment = self.preserved[name]
-        held = cache.get(name)
+        held = self._basis_cache.get(name)
         if held is None or held[0] is not moment or held[1] != weight:
             held = (moment, weight, MomentBasis.of(weight * moment.to(self.device, torch.float64)))
-            cache[name] = held
+            self._basis_cache[name] = held
         return held[2]
 
     def _require_memory(self, what: str) -> None:

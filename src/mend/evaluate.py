@@ -208,10 +208,10 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    for what, value in (("batch_size", batch_size), ("curve_every", curve_every), ("max_length", max_length),
-                        ("wild_max_new_tokens", wild_max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if what == "wild_max_new_tokens" else 1):
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    for what, value, least in (("batch_size", batch_size, 1), ("curve_every", curve_every, 1),
+                               ("max_length", max_length, 1), ("wild_max_new_tokens", wild_max_new_tokens, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{what} must be an integer >= {least}, got {value!r}")
     if curve_sample is not None and (not isinstance(curve_sample, int) or curve_sample < 1):
         raise ValueError(f"curve_sample must be None or a positive integer, got {curve_sample!r}")
     check_template(wild_template)

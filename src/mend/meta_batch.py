@@ -45,10 +45,8 @@ class MetaBatch:
         post: edit rows, equivalence rows, locality rows, for the edited forward.
         n_edit, n_equiv, n_loc: row counts of each kind.
         groups: (n_edit,) the edit (group) each record belongs to; equivalence and locality rows follow
-            their record, so ``pre`` rows have groups ``[groups, loc_groups]`` and ``post`` rows
-            ``[groups, groups, loc_groups]``.
-        loc_groups: (n_loc,) the edit of each locality row: ``groups`` repeated for the probes of
-            each record (``n_loc`` is a multiple of ``n_edit``), probes of one record consecutive.
+            their record, so ``pre`` rows have groups ``[groups, locality_groups]`` and ``post`` rows
+            ``[groups, groups, locality_groups]``.
         n_groups: number of independent edits.
         prefix: the rows' cached hidden states, when meta-training starts at the lowest edited block.
     """
@@ -61,17 +59,17 @@ class MetaBatch:
     groups: torch.Tensor
     n_groups: int
     prefix: PrefixStates | None = None
-    loc_groups: torch.Tensor | None = None  # None: one probe per record, ``groups``
 
     def to(self, device) -> "MetaBatch":
         return MetaBatch(self.pre.to(device), self.post.to(device), self.n_edit, self.n_equiv, self.n_loc,
                          self.groups.to(device), self.n_groups,
-                         self.prefix.to(device) if self.prefix is not None else None,
-                         self.loc_groups.to(device) if self.loc_groups is not None else None)
+                         self.prefix.to(device) if self.prefix is not None else None)
 
     @property
     def locality_groups(self) -> torch.Tensor:
-        return self.groups if self.loc_groups is None else self.loc_groups
+        """(n_loc,) the edit of each locality row: ``groups`` repeated for the ``n_loc / n_edit`` probes
+        of each record (probes of one record are consecutive)."""
+        return self.groups.repeat_interleave(self.n_loc // self.n_edit)
 
     @property
     def pre_groups(self) -> torch.Tensor:
@@ -133,7 +131,6 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
     `mend.prefix_cache.PrefixCache`, the rows' cached hidden states come along (`MetaBatch.prefix`)."""
     if not localities or len(localities) % len(records):
         raise ValueError(f"{len(localities)} locality probes for {len(records)} records: need the same number per record")
-    per_record = len(localities) // len(records)
     targets = [r.target for r in records]
     edit = encode_pairs(tokenizer, [r.prompt for r in records], targets, max_length=max_length, padding_side="right")
     equiv = encode_pairs(tokenizer, equivalents, targets, max_length=max_length, padding_side="right")
@@ -149,8 +146,7 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
     if prefix_cache is not None:
         prefix = PrefixStates(prefix_cache.start, prefix_cache.block_output, prefix_cache.gather(pre),
                               prefix_cache.gather(post))
-    loc_groups = groups.repeat_interleave(per_record) if per_record > 1 else None
-    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix, loc_groups)
+    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix)
 
 
 def token_kinds(batch: TokenBatch, counts: list[int]) -> torch.Tensor:

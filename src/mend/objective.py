@@ -82,12 +82,8 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     edit_loss = mean_nll(post_logits[is_edit], target_ids[is_edit])
     loc_logits = post_logits[kinds == LOC]
     loc_loss = kl_to_reference(loc_logits, pre_loc_logits)
-    if c_norm > 0:
-        sizes = update_sizes(model, edits)  # (G,)
-    else:
-        with torch.no_grad():
-            sizes = update_sizes(model, edits)
-    norm_loss = sizes.mean()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and c_norm > 0):  # else only a metric
+        norm_loss = update_sizes(model, edits).mean()
     loss = c_edit * edit_loss + c_loc * loc_loss + (c_norm * norm_loss if c_norm > 0 else 0.0)
 
     with torch.no_grad():

@@ -189,12 +189,19 @@ def _load_data(cfg):
     return train, val
 
 
+def run_cache_dir(cfg) -> Path:
+    """Where a run's prefix caches and preserved moments live: ``train.prefix_cache_dir``, or
+    ``$MEND_CACHE_DIR/prefix``."""
+    from .models import cache_dir
+
+    return Path(cfg.train.prefix_cache_dir) if cfg.train.prefix_cache_dir else cache_dir() / "prefix"
+
+
 def open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg, *, is_main=True, wait=None,
                       data_files=(), say=print):
     """The run's `PrefixCache` (built on the main process, loaded by all), or None when the run uses the
     full forward: ``train.prefix_cache=none``, or an edited matrix with no blocks below it to skip."""
     from .config import PrefixCacheMode
-    from .models import cache_dir
     from .prefix_cache import PrefixCache, file_hash, training_rows
     from .prefix_forward import lowest_edited_block
 
@@ -205,11 +212,10 @@ def open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg
         say("prefix cache: not used (an edited matrix is in block 0 or outside the transformer blocks); "
             "every step runs the full model")
         return None
-    directory = Path(cfg.train.prefix_cache_dir) if cfg.train.prefix_cache_dir else cache_dir() / "prefix"
     cache = PrefixCache.build_or_load(
         model, tokenizer, training_rows(train_records, validation_records=val_records), start=start,
         max_length=cfg.model.max_length, dtype=cfg.train.prefix_cache_dtype, placement=PrefixCacheMode(cfg.train.prefix_cache).value,
-        directory=directory, data_hashes=[file_hash(f) for f in data_files if Path(f).is_file()],
+        directory=run_cache_dir(cfg), data_hashes=[file_hash(f) for f in data_files if Path(f).is_file()],
         build_here=is_main, wait=wait,
     )
     say(f"{cache.info.describe()}; steps run block {start} and above only")
@@ -235,15 +241,13 @@ def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say
     """The preserved knowledge of a run with ``train.preserve_records`` > 0: (moments name -> C (d_in,
     d_in), name -> `MomentBasis` of ``editor.preserve_weight * C`` for the solves); ({}, None) without."""
     from .aggregate import MomentBasis
-    from .models import cache_dir
     from .preserved import locality_texts, preserved_moments
 
     if cfg.train.preserve_records == 0:
         return {}, None
     texts = locality_texts(train_records, cfg.train.preserve_records)
-    directory = Path(cfg.train.prefix_cache_dir) if cfg.train.prefix_cache_dir else cache_dir() / "prefix"
     moments = preserved_moments(model, targets, tokenizer, texts, max_length=cfg.model.max_length,
-                                directory=directory, say=say)  # cached beside the prefix caches
+                                directory=run_cache_dir(cfg), say=say)  # cached beside the prefix caches
     weight = cfg.editor.preserve_weight
     bases = {name: MomentBasis.of(weight * moment.double()).to(device) for name, moment in moments.items()} if weight > 0 else None
     return moments, bases
