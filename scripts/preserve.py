@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 import mend
 from mend.data import load_records
 from mend.preserved import locality_texts
@@ -26,9 +28,18 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=2000, help="records to read")
     parser.add_argument("--out", required=True, help="where to save the lifelong editor")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="edit-time settings saved with it (mend.Editor.configure), e.g. memory_weight=100 "
+                             "solve_keys=predictions")
     args = parser.parse_args(argv)
 
-    editor = mend.Editor.load(args.editor, lifelong=True, device=args.device)
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        settings[key] = yaml.safe_load(value)
+    editor = mend.Editor.load(args.editor, lifelong=True, device=args.device, settings=settings)
     records = load_records(args.data, limit=args.limit)
     texts = locality_texts(records)
     if not texts:

@@ -296,3 +296,73 @@ def test_an_unknown_aggregation_is_refused():
     editor = Editor.untrained(model, tokenizer)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         editor.variant(aggregation="mean")
+
+
+# ---------------------------------------------------------------- fitting only the prediction positions
+def test_fitting_some_positions_reproduces_each_facts_own_update_there_with_a_smaller_update():
+    keys, deltas, facts = torch.randn(8, 32), torch.randn(8, 6), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    fitted = torch.tensor([False, False, True, True, False, True, False, True])
+    rho = torch.tensor(1e-9)
+    everywhere = dw(aggregate_facts(keys, deltas, LR, facts, aggregation=RIDGE, rho=rho))
+    only_there = dw(aggregate_facts(keys, deltas, LR, facts, aggregation=RIDGE, rho=rho, solve=fitted))
+    k = keys.double()[fitted]
+    torch.testing.assert_close(k @ only_there.t(), k @ everywhere.t(), rtol=1e-4, atol=1e-5)  # same shifts there
+    assert float(only_there.norm()) < 0.9 * float(everywhere.norm())  # the smallest update that does it
+
+
+@pytest.mark.parametrize("space", ["n", "d"])
+def test_fitting_every_position_is_the_plain_solve(space):
+    keys, deltas, facts = torch.randn(7, 16), torch.randn(7, 5), torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    rho = torch.tensor(0.05)
+    plain = dw(aggregate_facts(keys, deltas, LR, facts, aggregation=RIDGE, rho=rho, space=space))
+    masked = dw(aggregate_facts(keys, deltas, LR, facts, aggregation=RIDGE, rho=rho, space=space,
+                                solve=torch.ones(7, dtype=torch.bool)))
+    torch.testing.assert_close(masked, plain)
+
+
+def test_the_grouped_solve_of_some_positions_is_the_flat_one():
+    generic = torch.randn(40, 16)
+    moment = 2.0 * generic.t() @ generic / 40
+    keys, deltas = torch.randn(9, 16, requires_grad=True), torch.randn(9, 8)
+    facts = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    groups = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    fitted = torch.tensor([False, True, True, False, True, False, False, True, True])
+    rho = torch.tensor(0.05, requires_grad=True)
+    padded = [pad_by_group(x, groups, 2) for x in (keys, deltas)]
+    padded_facts = pad_by_group((facts + 1).double()[:, None], groups, 2)[..., 0].long() - 1
+    padded_fit = pad_by_group(fitted.double()[:, None], groups, 2)[..., 0] > 0
+    for with_moment in (None, moment):
+        basis = None if with_moment is None else MomentBasis.of(with_moment)
+        k_g, d_g, _ = aggregate_grouped(*padded, padded_facts, LR, aggregation=RIDGE, rho=rho, moment=basis,
+                                        solve=padded_fit)
+        for g in range(2):
+            mine = groups == g
+            flat = aggregate_facts(keys[mine], deltas[mine], LR, facts[mine] - facts[mine].min(), aggregation=RIDGE,
+                                   rho=rho, moment=with_moment, solve=fitted[mine])
+            torch.testing.assert_close(dw((k_g[g], d_g[g], LR)), dw(flat), rtol=1e-4, atol=1e-6)
+    (d_g.sum() + k_g.sum()).backward()
+    assert keys.grad is not None and rho.grad is not None
+
+
+def test_an_editor_fitting_predictions_edits_and_remembers_only_those_positions():
+    editor = untrained("llama", init_lr=0.2, solve_keys="predictions", lifelong=True)
+    fact = ("The capital of Freedonia is", " Fredville")
+    batch = encode_pairs(editor.tokenizer, [fact[0]], [fact[1]], max_length=editor.max_length)
+    n_predicting = int(batch.prediction_mask.sum())
+    n_positions = int(batch.positions_with_gradient.sum())
+    assert n_predicting < n_positions
+    before = fact_nll(editor, fact)
+    result = editor.edit(*fact)
+    assert fact_nll(editor, fact) < before
+    for name, (keys, _, _) in result._factors.items():
+        assert keys.shape[0] == n_predicting
+        remembered = result._memory.keys[name]  # (n, d_in) raw inputs the memory's moment is made of
+        assert remembered.shape[0] == n_predicting
+        torch.testing.assert_close(editor.memory.moment(name), remembered.t() @ remembered)
+
+
+def test_an_unknown_solve_keys_value_is_refused():
+    from mend.config import ConfigError, editor_config
+
+    with pytest.raises(Exception, match="solve_keys|SolveKeys|everything"):
+        editor_config({"solve_keys": "everything"})

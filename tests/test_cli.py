@@ -272,3 +272,16 @@ def test_editor_for_another_model_is_refused(trained, workdir, tmp_path):
     assert_one_line_error(code, err, "CheckpointError", "trained for another base model")
     with pytest.raises(CheckpointError, match="weights differ"):
         main(["--debug", "edit", "--editor", str(checkpoint), "The sky is", "green"])
+
+
+def test_eval_applies_the_editors_edit_time_settings_and_refuses_other_editor_keys(trained, data_file):
+    _, _, run_dir = trained
+    out_dir = run_dir.parent / "eval-settings"
+    code, out, err = run_cli("eval", "--editor", run_dir / "best", "--data", data_file, "--methods", "mend",
+                             "--limit", "1", "--out", out_dir, "editor.memory_weight=7.5", "editor.solve_keys=predictions")
+    assert code == 0, err
+    editor = json.loads((out_dir / "summary.json").read_text())["methods"]["mend"]["settings"]["editor"]
+    assert editor["memory_weight"] == 7.5 and editor["solve_keys"] == "predictions"
+    code, _, err = run_cli("eval", "--editor", run_dir / "best", "--data", data_file, "--methods", "mend",
+                           "--limit", "1", "--out", out_dir, "editor.rank=8")
+    assert_one_line_error(code, err, "editor.rank=8", "edit-time")

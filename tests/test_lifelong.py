@@ -234,7 +234,38 @@ def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
-                 "--out", str(tmp_path / "lifelong")])
+                 "--out", str(tmp_path / "lifelong"), "--set", "memory_weight=250", "solve_keys=predictions"])
     loaded = Editor.load(tmp_path / "lifelong")
     assert loaded.remembers and loaded.memory.n_edits == 0
     assert set(loaded.preserved) == {t.name for t in loaded.targets}
+    assert loaded.networks.config.memory_weight == 250.0 and loaded.networks.config.solve_keys.value == "predictions"
+
+
+# ---------------------------------------------------------------- edit-time settings
+def test_edit_time_settings_change_later_solves_and_are_saved_with_the_editor(tmp_path):
+    editor = lifelong("llama", preserve_weight=10.0)
+    editor.preserve(["Generic text about many things.", "Another sentence."])
+    before, _, _ = editor.compute_updates([FACTS[0]])
+    editor.configure(preserve_weight=1000.0, memory_weight=50.0)
+    after, _, _ = editor.compute_updates([FACTS[0]])
+    for name in before:  # the update leaves generic text's inputs more alone
+        generic = editor.preserved[name].double()
+        moved = lambda update: float((update.double() @ generic @ update.double().t()).trace())
+        assert moved(after[name]) < moved(before[name])
+    editor.save(tmp_path / "editor")
+    loaded = Editor.load(tmp_path / "editor", *tiny_model("llama"))
+    assert (loaded.networks.config.preserve_weight, loaded.networks.config.memory_weight) == (1000.0, 50.0)
+    again = Editor.load(tmp_path / "editor", *tiny_model("llama"), settings={"preserve_weight": 10.0})
+    same, _, _ = again.compute_updates([FACTS[0]])
+    for name in before:
+        torch.testing.assert_close(same[name], before[name])
+
+
+@pytest.mark.parametrize("settings, named", [({"rank": 8}, "rank"), ({"memory_weight": -1.0}, "memory_weight"),
+                                             ({"solve_keys": "some"}, "solve_keys|some")])
+def test_a_setting_that_is_not_edit_time_or_not_valid_is_refused_and_nothing_changes(settings, named):
+    editor = lifelong("gpt2")
+    config = dict(editor.networks.config)
+    with pytest.raises((ValueError, ConfigError), match=named):
+        editor.configure(**settings)
+    assert dict(editor.networks.config) == config

@@ -28,6 +28,13 @@ rows by hooks (`mend.grouped_edit`) exactly like a single one. What the maths sa
 * facts with mutually orthogonal keys: U U^T = G, each fact's block solves on its own, so every
   fact's keys are mapped exactly as its own aggregated update maps them;
 * k copies of one fact: the solution of one copy with lambda / k; the sum would move it k times.
+
+``editor.solve_keys = predictions`` fits only the positions that predict a target token: U_s (the
+rows of U there) replaces U in the solve, and each fact's value shifts are those its own update makes
+at those rows, ``V_s = blockdiag_i(U_s,i U_i^T) D``. The positions before the answer (the template
+"The mother tongue of ...", shared by many facts) then neither compete for the solve nor enter a
+lifelong memory; with one fact and lambda -> 0 the update is the smallest one that does at the
+prediction positions what MEND's does there.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Aggregation
+from .config import Aggregation, SolveKeys
 from .grouped_edit import pad_by_group
 
 
@@ -59,27 +66,35 @@ def solve_spd(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
-def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
-    """``G D``: each position's (U_i U_i^T D_i) row within its own fact, float64 (n, d_out).
+def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Each fact's value shifts at its own positions, ``U_i U_i^T D_i`` stacked: (n, d_out) float64.
 
-    keys (n, d_in), deltas (n, d_out), facts (n,) fact index of each position.
+    keys (n, d_in), deltas (n, d_out), facts (n,) fact index of each position. ``rows`` (n,) bool keeps
+    only those positions' shifts (each still made by its fact's update over all its positions):
+    (rows.sum(), d_out). Computed as ``U_r (U_i^T D_i)`` per fact, never an (n, n) product.
     """
     n_facts = int(facts.max()) + 1 if facts.numel() else 0
-    k = pad_by_group(keys.double(), facts, n_facts)  # (F, m, d_in)
-    d = pad_by_group(deltas.double(), facts, n_facts)  # (F, m, d_out)
-    gd = torch.bmm(torch.bmm(k, k.transpose(1, 2)), d)  # (F, m, d_out)
-    order = torch.argsort(facts, stable=True)
-    counts = torch.bincount(facts, minlength=n_facts)
-    slot = torch.arange(facts.numel(), device=facts.device) - (torch.cumsum(counts, 0) - counts)[facts[order]]
-    out = gd.new_zeros(facts.numel(), deltas.shape[-1])
-    out[order] = gd[facts[order], slot]
-    return out
+    k64, d64 = keys.double(), deltas.double()
+    out = k64.new_zeros(facts.numel(), deltas.shape[-1])
+    for fact in range(n_facts):
+        mine = facts == fact
+        if not bool(mine.any()):
+            continue
+        k = k64[mine]  # (n_i, d_in)
+        # the cheaper association: (n_i, n_i) gram when n_i < d_in, else the (d_in, d_out) product
+        if k.shape[0] <= k.shape[1]:
+            out[mine] = (k @ k.t()) @ d64[mine]
+        else:
+            out[mine] = k @ (k.t() @ d64[mine])
+    return out if rows is None else out[rows]
 
 
 def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, facts: torch.Tensor, *,
                     aggregation: Aggregation, rho: torch.Tensor, moment: torch.Tensor | None = None,
-                    space: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One matrix's update from every fact of an edit: (K (n, d_in), D' (n, d_out), lr), dW = -lr D'^T K.
+                    space: str = "auto", solve: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One matrix's update from every fact of an edit: (K (m, d_in), D' (m, d_out), lr), dW = -lr D'^T K.
 
     Args:
         keys: (n, d_in) transformed inputs u~ of every captured position of every fact.
@@ -89,27 +104,35 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
         moment: (d_in, d_in) key second moment C to keep in the solve (lifelong), a `MomentBasis` of a
             fixed one (the same solve in n-space, much cheaper for a few facts), or None.
         space: "n" or "d" forces a form of the solve (tests); "auto" takes the smaller one.
+        solve: (n,) bool, the positions the ridge solve fits (`SolveKeys`); None = all. The result
+            then has one row per fitted position (m = solve.sum()), else m = n.
     """
     if Aggregation(aggregation) == Aggregation.sum:
         return keys, deltas, lr
+    if solve is not None and bool(solve.all()):
+        solve = None
     if isinstance(moment, MomentBasis):  # a fixed moment in its eigenbasis: the n-space push-through form
         k_new, d_new, _ = aggregate_grouped(keys[None], deltas[None], facts[None], lr, aggregation=aggregation,
-                                            rho=rho, moment=moment)
+                                            rho=rho, moment=moment, solve=None if solve is None else solve[None])
+        if solve is not None:
+            return k_new[0][solve], d_new[0][solve], lr
         return k_new[0], d_new[0], lr
+    values = own_values(keys, deltas, facts, rows=solve)  # (m, d_out) = blockdiag(U_s,i U_i^T) D
+    if solve is not None:
+        keys = keys[solve]
     n, d_in = keys.shape
     lam = ridge_lambda(keys, rho)
     k64 = keys.double()
     if space == "n" or (space == "auto" and moment is None and n <= d_in):
         if moment is not None:
             raise ValueError("a solve with a key moment C is only in d_in space (space='d' or 'auto')")
-        gram = k64 @ k64.t()  # (n, n)
-        values = (gram * (facts[:, None] == facts[None, :])) @ deltas.double()  # (n, d_out) = G D
+        gram = k64 @ k64.t()  # (m, m)
         gram.diagonal().add_(lam)
         return keys, solve_spd(gram, values).to(deltas.dtype), lr
     lhs = moment.to(torch.float64, copy=True) if moment is not None else k64.new_zeros(d_in, d_in)
     lhs.addmm_(k64.t(), k64).diagonal().add_(lam)  # (d_in, d_in) = U^T U + C + lam I
-    k_new = solve_spd(lhs, k64.t()).t()  # (n, d_in) = U (U^T U + C + lam I)^-1
-    return k_new.to(keys.dtype), own_values(keys, deltas, facts).to(deltas.dtype), lr
+    k_new = solve_spd(lhs, k64.t()).t()  # (m, d_in) = U (U^T U + C + lam I)^-1
+    return k_new.to(keys.dtype), values.to(deltas.dtype), lr
 
 
 @dataclass
@@ -134,18 +157,20 @@ class MomentBasis:
 
 
 def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr: torch.Tensor, *,
-                      aggregation: Aggregation, rho: torch.Tensor,
-                      moment: MomentBasis | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      aggregation: Aggregation, rho: torch.Tensor, moment: MomentBasis | None = None,
+                      solve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The n-space solve for G independent edits at once, differentiable (meta-training).
 
     Args:
         keys: (G, n, d_in), deltas: (G, n, d_out), zero-padded per group (`pad_by_group`).
         facts: (G, n) the fact of each position, -1 on padding.
         moment: a fixed key moment C kept in every group's solve (preserved knowledge), or None.
+        solve: (G, n) bool, the positions the solve fits (`SolveKeys`); None = every valid one.
 
     Returns:
         (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`. Padding rows
-        stay zero: their row of U U^T + lambda I is lambda on the diagonal and their value is zero.
+        and rows left out of the solve are zero: their row of the system is lambda (or 1) on the
+        diagonal and their value is zero.
 
     With C, the update is the d-space solve `aggregate_facts` makes at edit time,
     ``dW = -lr (G D)^T U (U^T U + C + lambda I)^-1``, computed in n-space by the push-through identity
@@ -159,6 +184,13 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
     gram = torch.bmm(k64, k64.transpose(1, 2))  # (G, n, n)
     same = (facts[:, :, None] == facts[:, None, :]) & valid[:, :, None]  # (G, n, n)
     values = torch.bmm(gram * same, d64)  # (G, n, d_out) = G D per group
+    if solve is not None:
+        fitted = (solve & valid).to(keys.dtype)  # (G, n)
+        values = values * fitted[..., None].double()
+        keys = keys * fitted[..., None]
+        k64 = keys.double()
+        gram = torch.bmm(k64, k64.transpose(1, 2))
+        valid = valid & solve
     lam = ridge_lambda(keys, rho, valid)  # (G,)
     eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
     if moment is None:
@@ -185,11 +217,14 @@ def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: i
     aggregation = Aggregation(aggregation if aggregation is not None else networks.config.aggregation)
     position_groups = groups_of_rows[capture.rows]  # (N,)
     facts = pad_by_group((capture.rows + 1).double()[:, None], position_groups, n_groups)[..., 0].long() - 1  # (G, n)
+    solve = None
+    if SolveKeys(networks.config.solve_keys) == SolveKeys.predictions:
+        solve = pad_by_group(capture.predicting.double()[:, None], position_groups, n_groups)[..., 0] > 0  # (G, n)
     ridges = networks.ridges()
     out = {}
     for name, (u_t, delta_t, lr) in networks.transform_factors(capture.factors).items():
         keys = pad_by_group(u_t, position_groups, n_groups)  # (G, n, d_in)
         deltas = pad_by_group(delta_t, position_groups, n_groups)  # (G, n, d_out)
         out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name],
-                                      moment=None if moments is None else moments.get(name))
+                                      moment=None if moments is None else moments.get(name), solve=solve)
     return out

@@ -73,6 +73,7 @@ class Rank1Capture:
     Attributes:
         factors: name -> (u (N, d_in), delta (N, d_out)) in float32, N = the positions that matter.
         rows: (N,) the batch row each captured position comes from.
+        predicting: (N,) bool, True where the position predicts a target token (its loss positions).
         loss: the edit loss (mean target NLL of the loss rows; averaged over groups), detached.
         logits: (n_targets_all_rows, V) the pass's target logits, detached (pre-edit logits for free).
     """
@@ -81,6 +82,7 @@ class Rank1Capture:
     rows: torch.Tensor
     loss: torch.Tensor
     logits: torch.Tensor
+    predicting: torch.Tensor
 
 
 def capture_rank1(
@@ -125,4 +127,5 @@ def capture_rank1(
             grad = torch.zeros_like(recorder.outputs[target.name])
         factors[target.name] = (u[positions].float(), grad[positions].float())  # (N, d_in), (N, d_out)
     rows = torch.arange(len(batch), device=device)[:, None].expand_as(positions)[positions]
-    return Rank1Capture(factors, rows, loss.detach() / n_groups, logits.detach())
+    predicting = batch.prediction_mask[positions]  # (N,)
+    return Rank1Capture(factors, rows, loss.detach() / n_groups, logits.detach(), predicting)

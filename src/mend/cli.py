@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare two output directories of mend eval: each metric's difference B - A with its "
                         "interval, n.s. where it is not significant (no edits are run)")
     p.add_argument("--device", default=None)
-    p.add_argument("overrides", nargs="*", help="eval.* config overrides")
+    p.add_argument("overrides", nargs="*", help="eval.* config overrides, and the editor's edit-time settings "
+                   "(editor.preserve_weight, editor.memory_weight, editor.solve_keys, editor.edit_chunk)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the main job: train an editor on the embedded model and show edits")

@@ -17,9 +17,13 @@ def eval_config_from(args):
 
     from .config import ConfigError, load_config
 
-    not_eval = [o for o in args.overrides if not o.startswith("eval.")]
+    from .editor import EDIT_TIME_SETTINGS
+
+    settings = tuple(f"editor.{key}=" for key in EDIT_TIME_SETTINGS)
+    not_eval = [o for o in args.overrides if not o.startswith("eval.") and not o.startswith(settings)]
     if not_eval:
-        raise ConfigError(f"mend eval takes only eval.* overrides, got {not_eval}")
+        raise ConfigError(f"mend eval takes eval.* overrides and the editor's edit-time settings "
+                          f"({', '.join('editor.' + k for k in EDIT_TIME_SETTINGS)}), got {not_eval}")
     cfg = load_config(args.overrides)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
@@ -68,7 +72,11 @@ def run_eval(args) -> int:
         model = tokenizer = None
         if args.model:  # evaluate the editor on this model (refused if it was trained for another)
             model, tokenizer = load_base_model(args.model, device=args.device)
-        editor = Editor.load(args.editor, model, tokenizer, device=args.device)
+        from .editor import EDIT_TIME_SETTINGS
+
+        given = {o.split("=", 1)[0][len("editor."):] for o in args.overrides if o.startswith("editor.")}
+        settings = {key: cfg.editor[key] for key in EDIT_TIME_SETTINGS if key in given}
+        editor = Editor.load(args.editor, model, tokenizer, device=args.device, settings=settings)
         model, tokenizer, max_length = editor.model, editor.tokenizer, editor.max_length
     else:
         if any(n.startswith("mend") for n in names):

@@ -54,6 +54,13 @@ class Aggregation(str, Enum):
     sum = "sum"  # the MEND paper: the sum of every fact's rank-1 updates
 
 
+class SolveKeys(str, Enum):
+    """Which captured positions a ridge solve fits (`mend.aggregate`) and a lifelong editor remembers."""
+
+    all = "all"  # every position with a gradient: each fact's update is reproduced at all its positions
+    predictions = "predictions"  # only the positions that predict a target token (the loss positions)
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # "smollm2-135m" (embedded), a hub id or a local directory
@@ -77,6 +84,10 @@ class EditorConfig:
     share: bool = True  # one network per weight shape (False: one per edited matrix)
     normalize: bool = True  # standardise u and delta by running statistics
     aggregation: Aggregation = Aggregation.ridge  # how the facts of one edit_many become one update per matrix
+    # Which positions' keys the ridge solve fits: all captured positions, or only those that predict a
+    # target token. `predictions` asks each fact's update to act only where its loss is (smaller, and
+    # leaves the shared template tokens of many facts out of a batch's or a lifelong memory's solve).
+    solve_keys: SolveKeys = SolveKeys.all
     ridge: float = 1.0e-3  # initial ridge regulariser of each matrix, relative to the mean squared key norm
     lifelong: bool = False  # remember edits across edit calls (`mend.memory`): statistics and key moments
     memory_weight: float = 1.0  # weight of earlier edits' keys in a lifelong solve (0: forget them)

@@ -26,7 +26,7 @@ from .aggregate import MomentBasis, aggregate_facts
 from .batching import check_pairs, encode_pairs
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
-from .config import Aggregation, ModelConfig, editor_config
+from .config import Aggregation, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
 from .memory import EditMemory, MemoryEntry, check_moments, key_moments
 from .models import load_base_model, model_identity
@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
+# editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
@@ -133,6 +135,17 @@ class Editor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def configure(self, **settings) -> None:
+        """Change how later edits are solved, keeping the trained networks: any of `EDIT_TIME_SETTINGS`
+        (``preserve_weight``, ``memory_weight``, ``solve_keys``, ``edit_chunk``), validated as in a
+        config and saved with the editor. Variants (`variant`) share the setting; applied edits stay."""
+        unknown = sorted(set(settings) - set(EDIT_TIME_SETTINGS))
+        if unknown:
+            raise ValueError(f"{unknown} cannot be changed on a trained editor; the edit-time settings are "
+                             f"{list(EDIT_TIME_SETTINGS)}")
+        self.networks.config = editor_config(OmegaConf.merge(self.networks.config, settings))
+        self._basis_cache.clear()
+
     def variant(self, *, aggregation: str | Aggregation | None = None, lifelong: bool | None = None) -> "Editor":
         """Another editor of the same model with the same networks (shared, not copied), with its own
         edit history and, when lifelong, a copy of this editor's memory (or an empty one)."""
@@ -215,7 +228,8 @@ class Editor:
         chunk = int(config.edit_chunk)
         entry = MemoryEntry() if self.memory is not None else None
         norms = self.memory.norms_for(self.networks) if self.memory is not None else None
-        keys, deltas, facts = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, []
+        keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
+        fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
         was_training = self.networks.training
         self.networks.eval()  # the networks' own statistics are frozen at edit time
@@ -228,17 +242,20 @@ class Editor:
                 capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
                 loss_sum += float(capture.loss) * len(batch)
                 facts.append(capture.rows + start)
+                solve.append(capture.predicting if fit_predictions else torch.ones_like(capture.predicting))
                 with torch.no_grad():
                     for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
                         keys[name].append(u_t)
                         deltas[name].append(delta_t)
-                if entry is not None:
+                if entry is not None:  # the memory keeps the keys the solve fits
                     for target in self.targets:
-                        entry.add(target.name, self.networks.network_of[target.name], *capture.factors[target.name])
+                        u, delta = capture.factors[target.name]
+                        entry.add(target.name, self.networks.network_of[target.name], u, delta,
+                                  keep=solve[-1])
                 del capture
         finally:
             self.networks.train(was_training)
-        facts = torch.cat(facts)
+        facts, solve = torch.cat(facts), torch.cat(solve)
         lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
         factors = {}
         with torch.no_grad():
@@ -246,7 +263,8 @@ class Editor:
                 name = target.name
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
-                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name)))
+                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
+                    solve=solve if fit_predictions else None))
         return factors, loss_sum / len(pairs), entry
 
     def edit(self, prompt: str, target: str) -> EditResult:
@@ -392,14 +410,14 @@ class Editor:
 
     @classmethod
     def load(cls, path, model=None, tokenizer=None, *, device=None, aggregation: str | None = None,
-             lifelong: bool | None = None) -> "Editor":
+             lifelong: bool | None = None, settings: dict | None = None) -> "Editor":
         """Load an editor saved by `save`. Without ``model``, the base model it was trained for is
         loaded. A model that is not the one the editor was trained for is refused (CheckpointError).
 
         ``aggregation`` and ``lifelong`` default to what was saved: an editor saved as lifelong loads
         remembering, with its memory. ``lifelong=False`` loads it stateless (the memory is ignored).
         The memory describes edits made to the model it was saved from; a fresh base model does not
-        carry them."""
+        carry them. ``settings`` changes edit-time settings after loading (`configure`)."""
         path = recover_dir(path)
         if not path.is_dir():
             raise CheckpointError(f"editor checkpoint {path} is not a directory")
@@ -450,6 +468,8 @@ class Editor:
                 editor.preserved = check_moments(load_tensors(path / PRESERVED_FILE, editor.device), editor.targets)
             except ValueError as error:
                 raise CheckpointError(f"{path / PRESERVED_FILE} does not fit this editor: {error}") from None
+        if settings:
+            editor.configure(**settings)
         return editor
 
 

@@ -46,12 +46,15 @@ class MemoryEntry:
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: list[tuple[str, tuple, tuple]] = field(default_factory=list)
 
-    def add(self, name: str, network_key: str, u: torch.Tensor, delta: torch.Tensor) -> None:
-        """Record one chunk's raw factors of matrix ``name``: u (n, d_in), delta (n, d_out)."""
+    def add(self, name: str, network_key: str, u: torch.Tensor, delta: torch.Tensor,
+            keep: torch.Tensor | None = None) -> None:
+        """Record one chunk's raw factors of matrix ``name``: u (n, d_in), delta (n, d_out). The
+        statistics take every row; the key moment only the rows ``keep`` (n,) bool (None: all)."""
         previous = self.keys.get(name)
-        u = u.detach().float()
+        stats = (row_stats(u.detach().float()), row_stats(delta))
+        u = u.detach().float() if keep is None else u.detach().float()[keep]
         self.keys[name] = u if previous is None else torch.cat([previous, u])
-        self.stats.append((network_key, row_stats(u), row_stats(delta)))
+        self.stats.append((network_key, *stats))
 
 
 class EditMemory:
