@@ -243,13 +243,15 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path):
 
 
 # ---------------------------------------------------------------- the quality levers
-def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solve(tmp_path, capsys):
+@pytest.mark.parametrize("solve_keys", ["all", "predictions"])
+def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solve(tmp_path, capsys, solve_keys):
     from mend.aggregate import grouped_updates
     from mend.batching import encode_pairs
     from mend.capture import capture_rank1
 
     model, tokenizer = tiny_model("llama")
-    common = ["train.max_steps=4", "train.val_every=2", "train.preserve_records=6", "editor.preserve_weight=50"]
+    common = ["train.max_steps=4", "train.val_every=2", "train.preserve_records=6", "editor.preserve_weight=50",
+              f"editor.solve_keys={solve_keys}"]
     result = run(tmp_path / "a", *common, model=model, tokenizer=tokenizer)
     assert "preserved knowledge: computed from 6 texts" in capsys.readouterr().out
     editor = Editor.load(result.best_dir, model, tokenizer)
