@@ -68,25 +68,21 @@ def solve_spd(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor,
                rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Each fact's value shifts at its own positions, ``U_i U_i^T D_i`` stacked: (n, d_out) float64.
+    """``G D``: each position's (U_i U_i^T D_i) row within its own fact, float64 (n, d_out).
 
     keys (n, d_in), deltas (n, d_out), facts (n,) fact index of each position. ``rows`` (n,) bool keeps
     only those positions' shifts (each still made by its fact's update over all its positions):
-    (rows.sum(), d_out). Computed as ``U_r (U_i^T D_i)`` per fact, never an (n, n) product.
+    (rows.sum(), d_out).
     """
     n_facts = int(facts.max()) + 1 if facts.numel() else 0
-    k64, d64 = keys.double(), deltas.double()
-    out = k64.new_zeros(facts.numel(), deltas.shape[-1])
-    for fact in range(n_facts):
-        mine = facts == fact
-        if not bool(mine.any()):
-            continue
-        k = k64[mine]  # (n_i, d_in)
-        # the cheaper association: (n_i, n_i) gram when n_i < d_in, else the (d_in, d_out) product
-        if k.shape[0] <= k.shape[1]:
-            out[mine] = (k @ k.t()) @ d64[mine]
-        else:
-            out[mine] = k @ (k.t() @ d64[mine])
+    k = pad_by_group(keys.double(), facts, n_facts)  # (F, m, d_in)
+    d = pad_by_group(deltas.double(), facts, n_facts)  # (F, m, d_out)
+    gd = torch.bmm(torch.bmm(k, k.transpose(1, 2)), d)  # (F, m, d_out)
+    order = torch.argsort(facts, stable=True)
+    counts = torch.bincount(facts, minlength=n_facts)
+    slot = torch.arange(facts.numel(), device=facts.device) - (torch.cumsum(counts, 0) - counts)[facts[order]]
+    out = gd.new_zeros(facts.numel(), deltas.shape[-1])
+    out[order] = gd[facts[order], slot]
     return out if rows is None else out[rows]
 
 
@@ -184,13 +180,12 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
     gram = torch.bmm(k64, k64.transpose(1, 2))  # (G, n, n)
     same = (facts[:, :, None] == facts[:, None, :]) & valid[:, :, None]  # (G, n, n)
     values = torch.bmm(gram * same, d64)  # (G, n, d_out) = G D per group
-    if solve is not None:
-        fitted = (solve & valid).to(keys.dtype)  # (G, n)
-        values = values * fitted[..., None].double()
-        keys = keys * fitted[..., None]
-        k64 = keys.double()
-        gram = torch.bmm(k64, k64.transpose(1, 2))
+    if solve is not None:  # rows left out of the solve become padding: zero key, zero value
         valid = valid & solve
+        fitted = valid.double()  # (G, n)
+        values = values * fitted[..., None]
+        keys = keys * valid[..., None].to(keys.dtype)
+        gram = gram * (fitted[:, :, None] * fitted[:, None, :])  # the Gram matrix of the masked keys
     lam = ridge_lambda(keys, rho, valid)  # (G,)
     eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
     if moment is None:

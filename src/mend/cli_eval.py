@@ -11,16 +11,24 @@ FLAG_KEYS = {"mode": "mode", "methods": "methods", "limit": "max_records", "batc
              "wild_max_new_tokens": "wild_max_new_tokens", "bootstrap_samples": "bootstrap_samples"}
 
 
+def edit_time_keys(overrides) -> set[str]:
+    """The editor's edit-time settings (`mend.editor.EDIT_TIME_SETTINGS`) that ``editor.KEY=VALUE``
+    overrides name."""
+    from .editor import EDIT_TIME_SETTINGS
+
+    named = {o.split("=", 1)[0][len("editor."):] for o in overrides if o.startswith("editor.") and "=" in o}
+    return named & set(EDIT_TIME_SETTINGS)
+
+
 def eval_config_from(args):
     """The config: configs/default.yaml, then the ``eval.*`` overrides, then the flags given."""
     from omegaconf import OmegaConf
 
     from .config import ConfigError, load_config
-
     from .editor import EDIT_TIME_SETTINGS
 
-    settings = tuple(f"editor.{key}=" for key in EDIT_TIME_SETTINGS)
-    not_eval = [o for o in args.overrides if not o.startswith("eval.") and not o.startswith(settings)]
+    settings = tuple(f"editor.{key}=" for key in edit_time_keys(args.overrides))
+    not_eval = [o for o in args.overrides if not o.startswith(("eval.", *settings))]
     if not_eval:
         raise ConfigError(f"mend eval takes eval.* overrides and the editor's edit-time settings "
                           f"({', '.join('editor.' + k for k in EDIT_TIME_SETTINGS)}), got {not_eval}")
@@ -72,10 +80,7 @@ def run_eval(args) -> int:
         model = tokenizer = None
         if args.model:  # evaluate the editor on this model (refused if it was trained for another)
             model, tokenizer = load_base_model(args.model, device=args.device)
-        from .editor import EDIT_TIME_SETTINGS
-
-        given = {o.split("=", 1)[0][len("editor."):] for o in args.overrides if o.startswith("editor.")}
-        settings = {key: cfg.editor[key] for key in EDIT_TIME_SETTINGS if key in given}
+        settings = {key: cfg.editor[key] for key in edit_time_keys(args.overrides)}
         editor = Editor.load(args.editor, model, tokenizer, device=args.device, settings=settings)
         model, tokenizer, max_length = editor.model, editor.tokenizer, editor.max_length
     else:

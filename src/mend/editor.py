@@ -242,7 +242,9 @@ class Editor:
                 capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
                 loss_sum += float(capture.loss) * len(batch)
                 facts.append(capture.rows + start)
-                solve.append(capture.predicting if fit_predictions else torch.ones_like(capture.predicting))
+                keep = capture.predicting if fit_predictions else None  # (n,) the positions the solve fits
+                if keep is not None:
+                    solve.append(keep)
                 with torch.no_grad():
                     for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
                         keys[name].append(u_t)
@@ -250,12 +252,11 @@ class Editor:
                 if entry is not None:  # the memory keeps the keys the solve fits
                     for target in self.targets:
                         u, delta = capture.factors[target.name]
-                        entry.add(target.name, self.networks.network_of[target.name], u, delta,
-                                  keep=solve[-1])
+                        entry.add(target.name, self.networks.network_of[target.name], u, delta, keep=keep)
                 del capture
         finally:
             self.networks.train(was_training)
-        facts, solve = torch.cat(facts), torch.cat(solve)
+        facts, solve = torch.cat(facts), torch.cat(solve) if fit_predictions else None
         lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
         factors = {}
         with torch.no_grad():
@@ -264,7 +265,7 @@ class Editor:
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
                     aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
-                    solve=solve if fit_predictions else None))
+                    solve=solve))
         return factors, loss_sum / len(pairs), entry
 
     def edit(self, prompt: str, target: str) -> EditResult:

@@ -51,10 +51,10 @@ class MemoryEntry:
         """Record one chunk's raw factors of matrix ``name``: u (n, d_in), delta (n, d_out). The
         statistics take every row; the key moment only the rows ``keep`` (n,) bool (None: all)."""
         previous = self.keys.get(name)
-        stats = (row_stats(u.detach().float()), row_stats(delta))
-        u = u.detach().float() if keep is None else u.detach().float()[keep]
+        u = u.detach().float()
+        self.stats.append((network_key, row_stats(u), row_stats(delta)))
+        u = u if keep is None else u[keep]
         self.keys[name] = u if previous is None else torch.cat([previous, u])
-        self.stats.append((network_key, *stats))
 
 
 class EditMemory:
