@@ -22,6 +22,7 @@ from mend.eval_metrics import (
     Predictions,
     Probes,
     aggregate,
+    metric_names,
     normalize_answer,
     parse_metric,
     predict,
@@ -389,6 +390,49 @@ def test_a_failing_method_leaves_the_model_restored(setup, unchanged):
         evaluate({"ft": spy}, _records(5), model, tok, mode="sequential", progress=False)
     check()
     _assert_clean(model)
+
+
+class RefusesSome:
+    """Wraps a method; refuses (as `EditFailedError`, nothing applied) the applies numbered in ``refuse``."""
+
+    def __init__(self, inner, refuse):
+        self.inner, self.refuse, self.n = inner, set(refuse), 0
+        self.targets = inner.editor.targets
+
+    def apply(self, pairs):
+        self.n += 1
+        if self.n in self.refuse:
+            raise mend.EditFailedError("the update for x contains NaN or inf; the model was not changed")
+        self.inner.apply(pairs)
+
+    def revert(self):
+        self.inner.revert()
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_a_refused_edit_is_recorded_and_the_run_goes_on(setup, mode, unchanged):
+    model, tok, methods = setup
+    check = unchanged(model)
+    report = evaluate({"mend": RefusesSome(methods["mend"], refuse={2}), "plain": methods["mend"],
+                       "none": methods["none"]}, _records(5),
+                      model, tok, mode=mode, batch_size=2, curve_every=2, wild_max_new_tokens=0, progress=False)
+    check()
+    rows = [r for r in report.rows if r["method"] == "mend"]
+    assert len(rows) == 5  # every record measured, the refused one included
+    refused = [r["index"] for r in rows if r["refused"]]
+    assert refused == ([1] if mode in ("single", "sequential") else [2, 3])  # the second apply
+    assert report.methods["mend"]["n_refused"] == len(refused) and report.methods["plain"]["n_refused"] == 0
+    assert "refused edits" in report.table()
+    plain = {r["index"]: r for r in report.rows if r["method"] == "plain"}
+    none = {r["index"]: r for r in report.rows if r["method"] == "none"}
+    if mode == "single":  # the refused record scores as the unedited model; the others as a plain run
+        metrics = metric_names(report.rows)
+        assert rows[1]["locality_tf_acc"] == 1.0
+        assert all(rows[1][m] == none[1][m] for m in metrics)
+        assert any(plain[1][m] != none[1][m] for m in metrics)  # the plain edit of that record did change it
+        assert all(rows[i][m] == plain[i][m] for i in (0, 2, 3, 4) for m in metrics)
+    if mode == "sequential":
+        assert [p["n_refused"] for p in report.curves["mend"]] == [1, 1, 1]
 
 
 def test_sequential_curve(setup):

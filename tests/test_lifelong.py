@@ -261,8 +261,23 @@ def test_edit_time_settings_change_later_solves_and_are_saved_with_the_editor(tm
         torch.testing.assert_close(same[name], before[name])
 
 
+def test_edit_scale_multiplies_every_update_and_an_edit_with_it_reverts_exactly(unchanged):
+    editor = lifelong("llama")
+    full, _, _ = editor.compute_updates(FACTS[:2])
+    editor.configure(edit_scale=0.25)
+    scaled, _, _ = editor.compute_updates(FACTS[:2])
+    for name in full:
+        torch.testing.assert_close(scaled[name], 0.25 * full[name])
+        assert scaled[name].abs().max() > 0
+    check = unchanged(editor.model)
+    editor.edit(*FACTS[0])
+    editor.revert()
+    check()
+
+
 @pytest.mark.parametrize("settings, named", [({"rank": 8}, "rank"), ({"memory_weight": -1.0}, "memory_weight"),
-                                             ({"solve_keys": "some"}, "solve_keys|some")])
+                                             ({"solve_keys": "some"}, "solve_keys|some"),
+                                             ({"edit_scale": 0.0}, "edit_scale")])
 def test_a_setting_that_is_not_edit_time_or_not_valid_is_refused_and_nothing_changes(settings, named):
     editor = lifelong("gpt2")
     config = dict(editor.networks.config)

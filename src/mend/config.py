@@ -93,6 +93,9 @@ class EditorConfig:
     memory_weight: float = 1.0  # weight of earlier edits' keys in a lifelong solve (0: forget them)
     preserve_weight: float = 1000.0  # weight of the preserved-knowledge key moment (E[k k^T] of generic text)
     edit_chunk: int = 16  # facts per capture pass at edit time (bounds memory for hundreds of facts)
+    # Multiplies every update at edit time (1: the trained step sizes). Below 1 a trained editor's edits
+    # move the model less: less change to the neighbours, less margin on the edited fact.
+    edit_scale: float = 1.0
 
 
 @dataclass
@@ -307,6 +310,8 @@ def validate_editor(editor) -> None:
     for key in ("memory_weight", "preserve_weight"):
         if not editor[key] >= 0:
             raise ConfigError(f"editor.{key} must be >= 0, got {editor[key]}")
+    if not editor.edit_scale > 0:
+        raise ConfigError(f"editor.edit_scale must be > 0, got {editor.edit_scale}")
     if editor.edit_chunk < 1:
         raise ConfigError(f"editor.edit_chunk must be >= 1, got {editor.edit_chunk}")
     if editor.lifelong and editor.aggregation != Aggregation.ridge:

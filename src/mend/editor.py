@@ -38,7 +38,7 @@ WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
-EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk")
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
@@ -137,7 +137,7 @@ class Editor:
 
     def configure(self, **settings) -> None:
         """Change how later edits are solved, keeping the trained networks: any of `EDIT_TIME_SETTINGS`
-        (``preserve_weight``, ``memory_weight``, ``solve_keys``, ``edit_chunk``), validated as in a
+        (``preserve_weight``, ``memory_weight``, ``solve_keys``, ``edit_chunk``, ``edit_scale``), validated as in a
         config and saved with the editor. Variants (`variant`) share the setting; applied edits stay."""
         unknown = sorted(set(settings) - set(EDIT_TIME_SETTINGS))
         if unknown:
@@ -258,6 +258,7 @@ class Editor:
             self.networks.train(was_training)
         facts, solve = torch.cat(facts), torch.cat(solve) if fit_predictions else None
         lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
+        lrs = {name: lr * float(config.edit_scale) for name, lr in lrs.items()}  # the update is linear in lr
         factors = {}
         with torch.no_grad():
             for target in self.targets:

@@ -22,8 +22,11 @@ come in two or more kinds (KnowEdit's Reasoning / Subject_Aliasing, our facts' n
 unrelated); with one kind, the role's own metrics are that kind's.
 
 Methods run one after another on the same model, each reverting its edits before the next starts
-(also when it fails). ``ms_per_edit`` is the mean wall time of ``apply`` per edit (a batch's time
-divided by its size).
+(also when it fails). An edit the method refuses (`mend.EditFailedError`: its update was NaN or inf
+and the model was left unchanged) is recorded, not fatal: its records are measured on the model as it
+is (``refused: true`` in their rows, ``n_refused`` in the summary and each curve point) and the run
+goes on. ``ms_per_edit`` is the mean wall time of ``apply`` per edit (a batch's time divided by its
+size).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .bootstrap import Bootstrap, summarize
 from .data.records import EditRecord
+from .editor import EditFailedError
 from .eval_metrics import Predictions, Probes, metric_names, predict, probe_kinds, score
 from .report import EvalReport, write_report
 from .wild import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPLATE, check_template
@@ -73,6 +77,7 @@ class _Run:
         self.device = next(model.parameters()).device
         self.apply_seconds = 0.0
         self.n_edits = 0
+        self.refused: dict[int, str] = {}  # record index -> why its edit was refused
         # the matrices the method edits, with their unedited values: the size of the change it made
         params = dict(model.named_parameters())
         names = [t.name for t in getattr(method, "targets", None) or getattr(getattr(method, "editor", None), "targets", [])]
@@ -88,11 +93,15 @@ class _Run:
                    for name, w0 in self.original.items())
 
     def apply(self, indices: list[int]) -> float:
-        """Apply the edits of records ``indices`` together; returns ms per edit."""
+        """Apply the edits of records ``indices`` together; returns ms per edit. A refused edit
+        (`EditFailedError`, the model unchanged) is remembered for the records' rows."""
         pairs = [(self.records[i].prompt, self.records[i].target) for i in indices]
         _sync(self.device)
         start = time.perf_counter()
-        self.method.apply(pairs)
+        try:
+            self.method.apply(pairs)
+        except EditFailedError as error:
+            self.refused.update({i: str(error) for i in indices})
         _sync(self.device)
         seconds = time.perf_counter() - start
         self.apply_seconds += seconds
@@ -108,6 +117,7 @@ class _Run:
         return {"method": self.name, "mode": self.mode, "index": i, "case_id": record.case_id,
                 "prompt": record.prompt, "target": record.target, "generated": post.texts[0],
                 "wild_answer": post.wild_texts[0] if post.wild_texts else None, **extra, "ms_per_edit": ms_per_edit,
+                "refused": i in self.refused,
                 **score(self.probes[i], post, self.pre[i], self.split), **update}
 
 
@@ -163,7 +173,8 @@ def _sequential(run: _Run, n: int, curve_every: int, curve_sample: int | None, b
         else:
             point_rows = [run.measure(j, ms[j], n_applied=i + 1) for j in measured]
         means, intervals = summarize(point_rows, metric_names(point_rows), bootstrap)
-        curve.append({"n_edits": i + 1, "n_measured": len(point_rows), **means, "intervals": intervals})
+        curve.append({"n_edits": i + 1, "n_measured": len(point_rows), "n_refused": sum(j <= i for j in run.refused),
+                      **means, "intervals": intervals})
     run.method.revert()
     return rows, curve
 
@@ -253,7 +264,7 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         means, intervals = summarize(rows, names + ["ms_per_edit"], bootstrap)
         means.pop("ms_per_edit")  # the summary's ms_per_edit is total apply time / edits (the same mean)
         settings = methods[name].settings() if hasattr(methods[name], "settings") else {}
-        summary[name] = {"n_edits": run.n_edits, "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
+        summary[name] = {"n_edits": run.n_edits, "n_refused": len(run.refused), "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
                          "ms_per_edit_interval": intervals.pop("ms_per_edit"), "metrics": means,
                          "intervals": intervals, "settings": settings}
         sizes = [row["relative_update"] for row in rows if row.get("relative_update") is not None]
