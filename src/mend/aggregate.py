@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Aggregation, SolveKeys
-from .grouped_edit import pad_by_group
+from .grouped_edit import group_slots, pad_by_group
 
 
 def ridge_lambda(keys: torch.Tensor, rho: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,11 +78,7 @@ def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor,
     k = pad_by_group(keys.double(), facts, n_facts)  # (F, m, d_in)
     d = pad_by_group(deltas.double(), facts, n_facts)  # (F, m, d_out)
     gd = torch.bmm(torch.bmm(k, k.transpose(1, 2)), d)  # (F, m, d_out)
-    order = torch.argsort(facts, stable=True)
-    counts = torch.bincount(facts, minlength=n_facts)
-    slot = torch.arange(facts.numel(), device=facts.device) - (torch.cumsum(counts, 0) - counts)[facts[order]]
-    out = gd.new_zeros(facts.numel(), deltas.shape[-1])
-    out[order] = gd[facts[order], slot]
+    out = gd[facts, group_slots(facts, n_facts)[0]]  # (n, d_out), back in the rows' order
     return out if rows is None else out[rows]
 
 

@@ -77,7 +77,7 @@ class _Run:
         self.device = next(model.parameters()).device
         self.apply_seconds = 0.0
         self.n_edits = 0
-        self.refused: dict[int, str] = {}  # record index -> why its edit was refused
+        self.refused: set[int] = set()  # the records whose edit the method refused
         # the matrices the method edits, with their unedited values: the size of the change it made
         params = dict(model.named_parameters())
         names = [t.name for t in getattr(method, "targets", None) or getattr(getattr(method, "editor", None), "targets", [])]
@@ -100,8 +100,8 @@ class _Run:
         start = time.perf_counter()
         try:
             self.method.apply(pairs)
-        except EditFailedError as error:
-            self.refused.update({i: str(error) for i in indices})
+        except EditFailedError:
+            self.refused.update(indices)
         _sync(self.device)
         seconds = time.perf_counter() - start
         self.apply_seconds += seconds

@@ -30,16 +30,23 @@ import torch
 from .targets import EditTarget
 
 
-def pad_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Scatter rows (N, d) into a zero-padded (n_groups, n_max, d) tensor, keeping order within a group."""
+def group_slots(groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, int]:
+    """Where each row (N,) goes in `pad_by_group`'s layout: (its slot within its group (N,) long, keeping
+    the rows' order within a group; the largest group's size)."""
     counts = torch.bincount(groups, minlength=n_groups)
-    n_max = int(counts.max()) if groups.numel() else 0
     order = torch.argsort(groups, stable=True)
-    sorted_groups = groups[order]
     starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
+    slot = torch.empty_like(groups)
+    slot[order] = torch.arange(groups.numel(), device=groups.device) - starts[groups[order]]
+    return slot, int(counts.max()) if groups.numel() else 0
+
+
+def pad_by_group(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Scatter rows (N, d) into a zero-padded (n_groups, n_max, d) tensor, keeping order within a group.
+    ``padded[groups, group_slots(groups, n_groups)[0]]`` gives the rows back."""
+    slot, n_max = group_slots(groups, n_groups)
     out = values.new_zeros(n_groups, max(n_max, 1), values.shape[-1])
-    return out.index_put((sorted_groups, slot), values[order])
+    return out.index_put((groups, slot), values)
 
 
 @contextlib.contextmanager
