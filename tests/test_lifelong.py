@@ -222,6 +222,48 @@ def test_preserved_knowledge_enters_every_later_solve_and_is_saved(tmp_path, rem
         assert editor.preserved
 
 
+def test_the_answer_moment_is_taken_at_the_positions_that_predict_the_answer():
+    from mend.capture import ModuleRecorder
+    from mend.memory import answer_key_moments
+
+    model, tokenizer = tiny_model("llama")
+    editor = Editor.untrained(model, tokenizer)
+    pairs = [("Bees make", "glue"), ("The sky over the old harbour is", "green and grey")]
+    moments = answer_key_moments(model, editor.targets, tokenizer, pairs)  # one padded batch
+    expected = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64) for t in editor.targets}
+    count = 0
+    for prompt, answer in pairs:  # one row at a time, no padding: the positions from the last prompt token on
+        batch = encode_pairs(tokenizer, [prompt], [answer])
+        n_prompt = int((~batch.target_mask[0]).sum())
+        n_answer = int(batch.target_mask[0].sum())
+        with torch.no_grad(), ModuleRecorder(model, editor.targets) as recorder:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        for target in editor.targets:
+            u = recorder.inputs[target.name][0, n_prompt - 1 : n_prompt - 1 + n_answer].double()
+            expected[target.name] += u.t() @ u
+        count += n_answer
+    for name, moment in moments.items():
+        torch.testing.assert_close(moment.double(), expected[name] / count, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="pairs"):
+        answer_key_moments(model, editor.targets, tokenizer, [])
+
+
+def test_preserving_answers_adds_their_moment_with_its_weight():
+    from mend.memory import answer_key_moments, key_moments
+
+    model, tokenizer = tiny_model("gpt2")
+    editor = Editor.untrained(model, tokenizer, {"editor": {"preserve_weight": 50.0}})
+    texts, answers = ["Generic text about many things."], [("The capital of Peru is", "Lima")]
+    editor.preserve(texts, answers=answers, answer_weight=3.0)
+    plain = key_moments(model, editor.targets, tokenizer, texts)
+    at_answers = answer_key_moments(model, editor.targets, tokenizer, answers)
+    for name, moment in editor.preserved.items():
+        torch.testing.assert_close(moment, plain[name] + 3.0 * at_answers[name], msg=name)
+        assert not torch.allclose(moment, plain[name])
+    with pytest.raises(ValueError, match="answer_weight must be >= 0"):
+        editor.preserve(texts, answers=answers, answer_weight=-1.0)
+
+
 def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path):
     model, tokenizer = load_base_model(str(save_tiny_hf_model(tmp_path / "tiny", "llama")))
     Editor.untrained(model, tokenizer).save(tmp_path / "trained")
@@ -239,6 +281,21 @@ def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path
     assert loaded.remembers and loaded.memory.n_edits == 0
     assert set(loaded.preserved) == {t.name for t in loaded.targets}
     assert loaded.networks.config.memory_weight == 250.0 and loaded.networks.config.solve_keys.value == "predictions"
+
+    # --answer-weight adds the probes' answer-position moment; --stateless keeps the editor stateless
+    module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
+                 "--out", str(tmp_path / "answers"), "--answer-weight", "2", "--stateless"])
+    with_answers = Editor.load(tmp_path / "answers")
+    assert not with_answers.remembers
+    from mend.memory import answer_key_moments
+
+    probes = [(r["locality_prompt"], r["locality_ground_truth"]) for r in records]
+    at_answers = answer_key_moments(with_answers.model, with_answers.targets, with_answers.tokenizer, probes)
+    for name, moment in with_answers.preserved.items():
+        torch.testing.assert_close(moment, loaded.preserved[name] + 2.0 * at_answers[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(SystemExit, match="--answer-weight must be >= 0"):
+        module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
+                     "--out", str(tmp_path / "bad"), "--answer-weight", "-1"])
 
 
 # ---------------------------------------------------------------- edit-time settings

@@ -270,6 +270,36 @@ def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solv
         torch.testing.assert_close(-lr * deltas[0].t() @ keys[0], at_edit[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("in_training, at_edit", [(2.0, 0.0), (0.0, 3.0), (1.0, 2.0)])
+def test_answer_moments_enter_the_training_solve_and_the_saved_editor_as_configured(tmp_path, capsys, in_training,
+                                                                                    at_edit):
+    from mend.memory import answer_key_moments, key_moments
+    from mend.preserved import locality_pairs, locality_texts
+
+    model, tokenizer = tiny_model("llama")
+    common = ["train.max_steps=2", "train.val_every=2", "train.preserve_records=6", "editor.preserve_weight=50",
+              f"train.preserve_answer_weight={in_training}", f"train.edit_answer_weight={at_edit}"]
+    result = run(tmp_path / "a", *common, model=model, tokenizer=tokenizer)
+    assert "preserved knowledge: computed from the answers of 6 probes" in capsys.readouterr().out
+    cfg = config(tmp_path / "a", *common)
+    records = tiny_records()  # the run's training records (`run`)
+    plain = key_moments(model, result.networks.targets, tokenizer, locality_texts(records, 6),
+                        max_length=cfg.model.max_length)
+    answers = answer_key_moments(model, result.networks.targets, tokenizer, locality_pairs(records, 6),
+                                 max_length=cfg.model.max_length)
+    editor = Editor.load(result.best_dir, model, tokenizer)
+    _, bases = trainer.open_preserved(model, tokenizer, editor.targets, records, cfg, "cpu")
+    for name, moment in editor.preserved.items():  # saved for edit time: both weights
+        torch.testing.assert_close(moment, plain[name] + (in_training + at_edit) * answers[name], rtol=1e-4, atol=1e-6)
+        basis = bases[name]  # meta-training and validation solve: the training weight only
+        solved = (basis.basis.double() * basis.eigenvalues) @ basis.basis.double().t()
+        torch.testing.assert_close(solved, 50.0 * (plain[name] + in_training * answers[name]).double(),
+                                   rtol=1e-3, atol=1e-4)
+    run(tmp_path / "b", *common, model=model, tokenizer=tokenizer)  # a second run reads both cached moments
+    out = capsys.readouterr().out
+    assert "preserved knowledge: read preserved-answers-" in out and "(6 texts)" in out
+
+
 def test_learning_rates_warm_up_then_follow_a_cosine_to_zero(tmp_path):
     cfg = config(tmp_path, "train.max_steps=10", "train.warmup_steps=2", "train.lr_decay=cosine")
     factors = [trainer.learning_rate_factor(step, cfg) for step in range(10)]

@@ -124,6 +124,12 @@ class TrainConfig:
     # locality probes of this many training records, weighted by editor.preserve_weight and saved with
     # the editor, which then solves with it at edit time too. 0 = none (the plain ridge solve).
     preserve_records: int = 0
+    # Weight of the same probes' key moment at the positions that predict their answers, added to C
+    # (`mend.memory.answer_key_moments`): the keys a same-relation neighbour reads its answer from.
+    preserve_answer_weight: float = 0.0
+    # The same answer moment added to the saved editor's preserved knowledge only, with this weight: the
+    # edit-time solve guards the neighbours' answer keys more than meta-training did (docs/quality.md).
+    edit_answer_weight: float = 0.0
     warmup_steps: int = 0  # linear warm-up of both learning rates over this many steps
     lr_decay: str = "none"  # none | cosine: decay both learning rates to 0 at max_steps
     max_minutes: Optional[float] = None  # stop (and validate) once training has run this long; null = no limit
@@ -274,6 +280,11 @@ def validate(cfg) -> None:
     for key in ("c_norm", "c_edit", "c_loc"):
         if not cfg.train[key] >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
+    for key in ("preserve_answer_weight", "edit_answer_weight"):
+        if not cfg.train[key] >= 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
+        if cfg.train[key] > 0 and cfg.train.preserve_records == 0:
+            raise ConfigError(f"train.{key} needs train.preserve_records > 0 (the probes whose answers it preserves)")
     if cfg.train.preserve_records < 0 or cfg.train.warmup_steps < 0:
         raise ConfigError(f"train.preserve_records and train.warmup_steps must be >= 0, got "
                           f"{cfg.train.preserve_records}, {cfg.train.warmup_steps}")

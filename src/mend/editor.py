@@ -28,7 +28,7 @@ from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
-from .memory import EditMemory, MemoryEntry, check_moments, key_moments
+from .memory import EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -173,12 +173,22 @@ class Editor:
         if self._memory_base is not None:
             self._memory_base = self.memory.tensors()
 
-    def preserve(self, texts: list[str], *, batch_size: int = 8) -> None:
+    def preserve(self, texts: list[str], *, answers: list[tuple[str, str]] | None = None, answer_weight: float = 1.0,
+                 batch_size: int = 8) -> None:
         """Keep the outputs at the layer inputs of generic ``texts`` in every later ridge solve
         (preserved knowledge): their key second moment E[u u^T], weighted by ``editor.preserve_weight``,
-        computed on the model as it is now and saved with the editor. ``editor.preserved = {}`` drops it."""
-        self.preserved = check_moments(key_moments(self.model, self.targets, self.tokenizer, list(texts),
-                                                   max_length=self.max_length, batch_size=batch_size), self.targets)
+        computed on the model as it is now and saved with the editor. ``editor.preserved = {}`` drops it.
+
+        ``answers``: (prompt, answer) facts whose answer positions to keep as well: their moment
+        (`mend.memory.answer_key_moments`) is added with ``answer_weight``. Those are the keys an edit
+        of a neighbouring fact (same relation, another subject) would otherwise move."""
+        moments = key_moments(self.model, self.targets, self.tokenizer, list(texts), max_length=self.max_length,
+                              batch_size=batch_size)
+        if answers:
+            moments = mix_moments(moments, answer_key_moments(self.model, self.targets, self.tokenizer, list(answers),
+                                                              max_length=self.max_length, batch_size=batch_size),
+                                  answer_weight)
+        self.preserved = check_moments(moments, self.targets)
 
     def _moment(self, name: str):
         """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep.

@@ -203,3 +203,47 @@ def key_moments(model, targets: list[EditTarget], tokenizer, texts: list[str], *
     if count == 0:
         raise ValueError("the texts tokenise to nothing")
     return {name: (s / count).float() for name, s in sums.items()}
+
+
+def answer_key_moments(model, targets: list[EditTarget], tokenizer, pairs: list[tuple[str, str]], *,
+                       max_length: int = 128, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """E[u u^T] of every target matrix's raw input at the positions that predict an answer token of
+    (prompt, answer) ``pairs``, the last prompt token first: name -> (d_in, d_in) float32.
+
+    These are the keys a fact edit writes to and a neighbouring fact reads from ("X's mother tongue
+    is" -> the answer): a preserved moment over whole texts gives them the weight of one token in
+    ten, this one gives them all of it (`Editor.preserve` with ``answers``). One forward per batch."""
+    from .batching import encode_pairs
+    from .capture import ModuleRecorder
+
+    if isinstance(pairs, (str, tuple)) or not pairs:
+        raise ValueError("pairs must be a non-empty list of (prompt, answer) pairs")
+    device = next(model.parameters()).device
+    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    count = 0
+    for start in range(0, len(pairs), batch_size):
+        prompts, answers = zip(*pairs[start : start + batch_size])
+        batch = encode_pairs(tokenizer, list(prompts), list(answers), max_length=max_length,
+                             what=("preserved prompt", "preserved answer")).to(device)
+        with torch.no_grad(), ModuleRecorder(model, targets) as recorder:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+        predicting = batch.prediction_mask  # (B, T)
+        for target in targets:
+            u = recorder.inputs[target.name][predicting].double()  # (answer tokens, d_in)
+            sums[target.name] += u.t() @ u
+        count += int(predicting.sum())
+    return {name: (s / count).float() for name, s in sums.items()}
+
+
+def mix_moments(text_moments: dict[str, torch.Tensor], answer_moments: dict[str, torch.Tensor] | None,
+                answer_weight: float) -> dict[str, torch.Tensor]:
+    """The preserved moment of every matrix: ``C_text + answer_weight * C_answers`` (float32)."""
+    if answer_weight < 0:
+        raise ValueError(f"answer_weight must be >= 0, got {answer_weight}")
+    if not answer_moments or answer_weight == 0:
+        return dict(text_moments)
+    if set(answer_moments) != set(text_moments):
+        raise ValueError(f"the answer moments are for {sorted(answer_moments)}, the text moments for {sorted(text_moments)}")
+    return {name: (moment.double() + answer_weight * answer_moments[name].to(moment.device).double()).float()
+            for name, moment in text_moments.items()}

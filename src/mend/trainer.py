@@ -239,18 +239,31 @@ def _out_of_time(start: float, max_minutes, world: int, device) -> bool:
 
 def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print):
     """The preserved knowledge of a run with ``train.preserve_records`` > 0: (moments name -> C (d_in,
-    d_in), name -> `MomentBasis` of ``editor.preserve_weight * C`` for the solves); ({}, None) without."""
+    d_in) the saved editor keeps for edit time, name -> `MomentBasis` of ``editor.preserve_weight * C``
+    for the meta-training and validation solves); ({}, None) without.
+
+    The solves' C is the locality probes' moment over every token plus ``train.preserve_answer_weight``
+    times their moment at the answer-predicting positions. The saved C adds ``train.edit_answer_weight``
+    times that answer moment on top: a setting of the trained editor's edit-time solve only."""
     from .aggregate import MomentBasis
-    from .preserved import locality_texts, preserved_moments
+    from .memory import mix_moments
+    from .preserved import answer_moments, locality_pairs, locality_texts, preserved_moments
 
     if cfg.train.preserve_records == 0:
         return {}, None
     texts = locality_texts(train_records, cfg.train.preserve_records)
     moments = preserved_moments(model, targets, tokenizer, texts, max_length=cfg.model.max_length,
                                 directory=run_cache_dir(cfg), say=say)  # cached beside the prefix caches
+    saved = moments
+    in_training, at_edit = cfg.train.preserve_answer_weight, cfg.train.edit_answer_weight
+    if in_training > 0 or at_edit > 0:
+        answers = answer_moments(model, targets, tokenizer, locality_pairs(train_records, cfg.train.preserve_records),
+                                 max_length=cfg.model.max_length, directory=run_cache_dir(cfg), say=say)
+        saved = mix_moments(moments, answers, in_training + at_edit)
+        moments = mix_moments(moments, answers, in_training)
     weight = cfg.editor.preserve_weight
     bases = {name: MomentBasis.of(weight * moment.double()).to(device) for name, moment in moments.items()} if weight > 0 else None
-    return moments, bases
+    return saved, bases
 
 
 def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None) -> TrainResult:
