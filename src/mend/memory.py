@@ -168,38 +168,50 @@ def check_moments(moments: dict[str, torch.Tensor], targets: list[EditTarget]) -
 
 
 @torch.no_grad()
+def _outer_product_sums(model, targets: list[EditTarget], batches) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum of u u^T (float64) of every target's raw input over the selected positions of ``batches``,
+    and how many positions that was. ``batches`` yields (input_ids, attention_mask, position_ids,
+    selected (B, T) bool); one forward each, the logits of the last position only, no backward."""
+    from .capture import ModuleRecorder
+
+    device = next(model.parameters()).device
+    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    count = 0
+    for ids, mask, positions, selected in batches:
+        with ModuleRecorder(model, targets) as recorder:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  use_cache=False, logits_to_keep=1)
+        selected = selected.to(device)
+        for target in targets:
+            u = recorder.inputs[target.name][selected].double()  # (selected positions, d_in)
+            sums[target.name] += u.t() @ u
+        count += int(selected.sum())
+    return sums, count
+
+
 def key_moments(model, targets: list[EditTarget], tokenizer, texts: list[str], *, max_length: int = 128,
                 batch_size: int = 8) -> dict[str, torch.Tensor]:
     """E[u u^T] of every target matrix's raw input over the tokens of ``texts`` (generic text, for the
     preserved-knowledge term): name -> (d_in, d_in) float32. One forward per batch, no backward."""
-    from .capture import ModuleRecorder
-
     if isinstance(texts, str) or not texts:
         raise ValueError("texts must be a non-empty list of strings")
-    device = next(model.parameters()).device
-    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
-    count = 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(texts), batch_size):
-        rows = [tokenizer(text)["input_ids"][:max_length] for text in texts[start : start + batch_size]]
-        rows = [r for r in rows if r]
-        if not rows:
-            continue
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with ModuleRecorder(model, targets) as recorder:
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False,
-                  logits_to_keep=1)
-        real = mask.bool()
-        for target in targets:
-            u = recorder.inputs[target.name][real].double()  # (tokens, d_in)
-            sums[target.name] += u.t() @ u
-        count += int(real.sum())
+
+    def batches():
+        for start in range(0, len(texts), batch_size):
+            rows = [tokenizer(text)["input_ids"][:max_length] for text in texts[start : start + batch_size]]
+            rows = [r for r in rows if r]
+            if not rows:
+                continue
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            yield ids, mask, (mask.cumsum(1) - 1).clamp(min=0), mask.bool()
+
+    sums, count = _outer_product_sums(model, targets, batches())
     if count == 0:
         raise ValueError("the texts tokenise to nothing")
     return {name: (s / count).float() for name, s in sums.items()}
@@ -214,25 +226,18 @@ def answer_key_moments(model, targets: list[EditTarget], tokenizer, pairs: list[
     is" -> the answer): a preserved moment over whole texts gives them the weight of one token in
     ten, this one gives them all of it (`Editor.preserve` with ``answers``). One forward per batch."""
     from .batching import encode_pairs
-    from .capture import ModuleRecorder
 
     if isinstance(pairs, (str, tuple)) or not pairs:
         raise ValueError("pairs must be a non-empty list of (prompt, answer) pairs")
-    device = next(model.parameters()).device
-    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
-    count = 0
-    for start in range(0, len(pairs), batch_size):
-        prompts, answers = zip(*pairs[start : start + batch_size])
-        batch = encode_pairs(tokenizer, list(prompts), list(answers), max_length=max_length,
-                             what=("preserved prompt", "preserved answer")).to(device)
-        with torch.no_grad(), ModuleRecorder(model, targets) as recorder:
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  use_cache=False)
-        predicting = batch.prediction_mask  # (B, T)
-        for target in targets:
-            u = recorder.inputs[target.name][predicting].double()  # (answer tokens, d_in)
-            sums[target.name] += u.t() @ u
-        count += int(predicting.sum())
+
+    def batches():
+        for start in range(0, len(pairs), batch_size):
+            prompts, answers = zip(*pairs[start : start + batch_size])
+            batch = encode_pairs(tokenizer, list(prompts), list(answers), max_length=max_length,
+                                 what=("preserved prompt", "preserved answer"))
+            yield batch.input_ids, batch.attention_mask, batch.position_ids, batch.prediction_mask
+
+    sums, count = _outer_product_sums(model, targets, batches())  # every answer has a token: count > 0
     return {name: (s / count).float() for name, s in sums.items()}
 
 
