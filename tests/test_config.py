@@ -119,6 +119,8 @@ def test_override_values_are_typed(tmp_path):
         ("editor.init_lr=-1", "editor.init_lr must be > 0"),
         ("model.max_length=1", "model.max_length"),
         ("train.n_edits=0", "train.n_edits"),
+        ("train.loc_same_answer=1", r"train.loc_same_answer must be between 0 and train.loc_probes - 1 \(0\), got 1"),
+        ("train.loc_same_answer=-1", "train.loc_same_answer must be between 0"),
         ("train.preserve_answer_weight=-1", "train.preserve_answer_weight must be >= 0"),
         ("train.preserve_answer_weight=1", "train.preserve_answer_weight needs train.preserve_records > 0"),
         ("train.edit_answer_weight=-0.5", "train.edit_answer_weight must be >= 0"),

@@ -88,6 +88,24 @@ def test_too_few_records_or_no_locality_probes_are_errors():
         sampler.choose(0, sampler.records_for_step(0))
 
 
+def test_same_answer_probes_are_other_neighbours_expecting_the_record_neighbours_answer():
+    # records 0-5: neighbours expecting "French" or "guitar" (three each); record 6's answer is unique
+    records = [EditRecord(str(i), f"Fact {i} is", f"t{i}",
+                          locality=(Probe(f"Neighbour {i} speaks", "French" if i % 2 else "guitar"),)) for i in range(6)]
+    records.append(EditRecord("6", "Fact 6 is", "t6", locality=(Probe("Lonely neighbour", "Tagalog"),)))
+    sampler = EditSampler(records, 7, seed=0)
+    for step in range(5):
+        _, probes = sampler.choose(step, records, loc_probes=3, same_answer=1)
+        for i, record in enumerate(records[:6]):
+            own, hard, _ = probes[3 * i: 3 * i + 3]
+            assert own == record.locality[0]
+            assert hard.answer == own.answer and hard.prompt != own.prompt
+        assert probes[18].prompt == "Lonely neighbour"
+        assert probes[19] in sampler.locality_pool  # nothing else expects "Tagalog": any probe stands in
+    with pytest.raises(ValueError, match="same_answer"):
+        sampler.choose(0, records, loc_probes=2, same_answer=2)
+
+
 # ---------------------------------------------------------------- build_meta_batch
 def decode_rows(tokenizer, batch) -> list[str]:
     return [tokenizer.decode(row[mask.bool()].tolist()) for row, mask in zip(batch.input_ids, batch.attention_mask)]

@@ -119,6 +119,9 @@ class TrainConfig:
     c_edit: float = 1.0  # weight of the edit loss (edit + paraphrase NLL)
     c_loc: float = 1.0  # weight of the locality loss (KL to the pre-edit model)
     loc_probes: int = 1  # locality probes per edited fact: its own neighbour, then probes of other records
+    # Of those other probes, how many expect the same answer as the record's neighbour (hard negatives:
+    # in CounterFact, neighbours of the same relation with the edited fact's old answer); the rest are any.
+    loc_same_answer: int = 0
     c_norm: float = 0.0  # weight of the update-size penalty: sum over matrices of ||dW||_F^2 / ||W||_F^2
     # Preserved knowledge in every meta-training solve (`mend.preserved`): the key second moment of the
     # locality probes of this many training records, weighted by editor.preserve_weight and saved with
@@ -277,6 +280,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"data.on_invalid must be raise or skip, got {cfg.data.on_invalid!r}")
     if cfg.train.loc_probes < 1:
         raise ConfigError(f"train.loc_probes must be >= 1, got {cfg.train.loc_probes}")
+    if not 0 <= cfg.train.loc_same_answer <= cfg.train.loc_probes - 1:
+        raise ConfigError(f"train.loc_same_answer must be between 0 and train.loc_probes - 1 "
+                          f"({cfg.train.loc_probes - 1}), got {cfg.train.loc_same_answer}")
     for key in ("c_norm", "c_edit", "c_loc"):
         if not cfg.train[key] >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")

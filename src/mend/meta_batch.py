@@ -99,6 +99,11 @@ class EditSampler:
         self.world = world
         self.per_epoch = len(records) // (per_step * world)
         self.locality_pool = [probe for r in records for probe in r.locality]
+        # answer -> the pool's probes expecting it: a probe's hard negatives. In CounterFact a record's
+        # neighbour expects the edited fact's old answer, so probes sharing it are that relation's neighbours.
+        self.probes_by_answer: dict[str, list] = {}
+        for probe in self.locality_pool:
+            self.probes_by_answer.setdefault(_answer_key(probe.answer), []).append(probe)
 
     def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -110,18 +115,31 @@ class EditSampler:
         start = (index * self.world + self.rank) * self.per_step
         return [self.records[i] for i in order[start : start + self.per_step]]
 
-    def choose(self, step: int, records: list[EditRecord], loc_probes: int = 1):
+    def choose(self, step: int, records: list[EditRecord], loc_probes: int = 1, same_answer: int = 0):
         """Pick one paraphrase and ``loc_probes`` locality probes per record, seeded by the step: one of
-        the record's own probes (its neighbour), then probes of any training record (unrelated facts).
-        The probes come record by record: ``loc_probes`` consecutive ones per record."""
+        the record's own probes (its neighbour), then ``same_answer`` probes of other records that expect
+        the same answer as that neighbour (any probe where none does), then probes of any training record
+        (unrelated facts). The probes come record by record: ``loc_probes`` consecutive ones per record."""
+        if not 0 <= same_answer <= loc_probes - 1:
+            raise ValueError(f"same_answer={same_answer} probes must fit beside the record's own among {loc_probes}")
         rng = random.Random(f"{self.seed}-{step}-{self.rank}")
         equivalents = [rng.choice(r.rephrases) if r.rephrases else r.prompt for r in records]  # no draw without paraphrases
         if not self.locality_pool:
             raise ValueError("no locality probes in the training data; meta-training needs them")
         own = [rng.choice(r.locality or self.locality_pool) for r in records]
-        others = [[rng.choice(self.locality_pool) for _ in range(loc_probes - 1)] for _ in records]
+        others = []
+        for first in own:
+            hard = []
+            if same_answer:
+                alike = [p for p in self.probes_by_answer[_answer_key(first.answer)] if p.prompt != first.prompt]
+                hard = [rng.choice(alike or self.locality_pool) for _ in range(same_answer)]
+            others.append(hard + [rng.choice(self.locality_pool) for _ in range(loc_probes - 1 - same_answer)])
         localities = [probe for first, rest in zip(own, others) for probe in [first, *rest]]
         return equivalents, localities
+
+
+def _answer_key(answer: str) -> str:
+    return answer.strip().casefold()
 
 
 def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str], localities, *, max_length: int,

@@ -120,7 +120,7 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     ``moments`` (name -> `mend.aggregate.MomentBasis`) is the preserved knowledge every solve keeps."""
     # 1. data: this step's records, one paraphrase and train.loc_probes locality probes each (and their cached states)
     chosen = sampler.records_for_step(step)
-    equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes)
+    equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes, cfg.train.loc_same_answer)
     batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
                              n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
