@@ -98,6 +98,21 @@ def test_groups_of_several_rows_share_one_edit(family):
         torch.testing.assert_close(grouped[mine], reference[mine], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_interleaved_groups_of_unequal_size_each_see_their_own_edit(family):
+    # the meta-batch layout puts a group's rows apart (edit rows, then paraphrases, then probes)
+    model, tokenizer = tiny_model(family)
+    networks = trained_looking_networks(model)
+    batch = encode_pairs(tokenizer, PROMPTS, TARGETS)
+    groups = torch.tensor([1, 0, 1, 2, 1])  # group 1 has three rows, spread out; group 0 and 2 one each
+    grouped = grouped_logits(model, networks, batch, groups)
+    rows = batch.target_rows
+    for members in ([1], [0, 2, 4], [3]):
+        reference = standalone_logits(model, networks, tokenizer, batch, members)
+        mine = torch.isin(rows, torch.tensor(members))
+        torch.testing.assert_close(grouped[mine], reference[mine], rtol=1e-4, atol=1e-5)
+
+
 def test_a_single_group_equals_the_edited_parameters():
     model, tokenizer = tiny_model("llama")
     networks = trained_looking_networks(model)

@@ -59,14 +59,23 @@ def edits_by_row_group(model, targets: list[EditTarget], edits: dict, row_groups
     """
     modules = dict(model.named_modules())
     handles = []
+    n_groups = next(iter(edits.values()))[0].shape[0] if edits else 0
+    slot, rows_max = group_slots(row_groups, n_groups)
+    rows_max = max(rows_max, 1)
 
     def make_hook(name):
         u_g, d_g, lr = edits[name]
 
         def hook(module, args, output):
+            # Rows are laid out by group, so each group's factors are used once, not copied per row:
+            # the cost grows with rows x positions, not rows x positions x facts in the group.
             x = args[0]  # (B, T, d_in)
-            u_rows, d_rows = u_g[row_groups].to(x.dtype), d_g[row_groups].to(x.dtype)  # (B, n, d_in), (B, n, d_out)
-            correction = torch.bmm(torch.bmm(x, u_rows.transpose(1, 2)), d_rows)  # (B, T, d_out)
+            batch, length, d_in = x.shape
+            x_g = x.new_zeros(n_groups, rows_max, length, d_in).index_put((row_groups, slot), x)
+            x_g = x_g.view(n_groups, rows_max * length, d_in)  # (G, r_max * T, d_in)
+            u_t, d_t = u_g.to(x.dtype), d_g.to(x.dtype)  # (G, n, d_in), (G, n, d_out)
+            correction = torch.bmm(torch.bmm(x_g, u_t.transpose(1, 2)), d_t)  # (G, r_max * T, d_out)
+            correction = correction.view(n_groups, rows_max, length, -1)[row_groups, slot]  # (B, T, d_out)
             return output - lr.to(x.dtype) * correction
 
         return hook
