@@ -1,0 +1,66 @@
+"""Seconds per meta-training step for several facts-per-edit sizes, from a run's own caches.
+
+    python scripts/bench_step.py --n-edits 20,50,100 [--steps 3] [overrides ...]
+    python scripts/bench_step.py --n-edits 20,50 data=counterfact train=counterfact-batch
+
+Unlike `scripts/bench_train.py`, nothing is rebuilt: the prefix cache and the preserved moments are
+opened exactly as `scripts/train.py` opens them for the same config (built on first use, then
+reused from ``$MEND_CACHE_DIR``), so the figure is the step a real run takes: capture pass, editor,
+ridge solve with the preserved moment, edited forward, backward, Adam. One edit of ``n`` facts per
+step (``train.batch_size`` as configured). Prints, per size, the median step and seconds per fact.
+
+Never run it while another CPU-heavy job runs: two such processes slow each other down many times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mend.config import load_config
+from mend.meta_batch import EditSampler
+from mend.models import load_base_model, resolve_device
+from mend.networks import MendNetworks
+from mend.targets import resolve_targets
+from mend.trainer import _load_data, make_optimizer, open_preserved, open_prefix_cache, training_step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-edits", default="20,50", help="comma-separated facts per edit")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per size, after one warm-up step")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=counterfact train=counterfact-batch")
+    args = parser.parse_args()
+    base = load_config(["model.device=cpu", *args.overrides])
+    device = resolve_device(base.model.device)
+    model, tokenizer = load_base_model(base.model.name, dtype=base.model.dtype, device=device)
+    model.requires_grad_(False).eval()
+    train_records, val_records = _load_data(base)
+    targets = resolve_targets(model, base.model.edit_params, base.model.edit_last_n_blocks)
+    cache = open_prefix_cache(model, tokenizer, targets, train_records, val_records, base, is_main=True,
+                              wait=lambda: None, data_files=(base.data.train_path, base.data.val_path), say=print)
+    _, moments = open_preserved(model, tokenizer, targets, train_records, base, device, say=print)
+    print(f"{base.model.name} on {device} ({torch.get_num_threads()} threads), data {base.data.train_path}, "
+          f"{base.train.batch_size} edit(s) per step")
+    for n in (int(x) for x in args.n_edits.split(",")):
+        cfg = load_config(["model.device=cpu", *args.overrides, f"train.n_edits={n}"])
+        torch.manual_seed(0)
+        networks = MendNetworks(targets, cfg.editor).to(device).train()
+        optimizer = make_optimizer(networks, cfg)
+        sampler = EditSampler(train_records, cfg.train.batch_size * n, seed=0)
+        times = []
+        for step in range(1 + args.steps):
+            start = time.perf_counter()
+            training_step(model, tokenizer, networks, optimizer, sampler, step, cfg, device,
+                          prefix_cache=cache, moments=moments)
+            if step:
+                times.append(time.perf_counter() - start)
+        step_s = statistics.median(times)
+        print(f"n_edits {n}: {step_s:.2f} s per step, {step_s / (n * cfg.train.batch_size):.3f} s per fact", flush=True)
+
+
+if __name__ == "__main__":
+    main()
