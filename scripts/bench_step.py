@@ -15,17 +15,14 @@ Never run it while another CPU-heavy job runs: two such processes slow each othe
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from bench_train import time_steps  # scripts/ is on the path when this file runs as a script
 
 from mend.config import load_config
-from mend.meta_batch import EditSampler
 from mend.models import load_base_model, resolve_device
-from mend.networks import MendNetworks
 from mend.targets import resolve_targets
-from mend.trainer import _load_data, make_optimizer, open_preserved, open_prefix_cache, training_step
+from mend.trainer import _load_data, open_preserved, open_prefix_cache
 
 
 def main():
@@ -47,19 +44,10 @@ def main():
           f"{base.train.batch_size} edit(s) per step")
     for n in (int(x) for x in args.n_edits.split(",")):
         cfg = load_config(["model.device=cpu", *args.overrides, f"train.n_edits={n}"])
-        torch.manual_seed(0)
-        networks = MendNetworks(targets, cfg.editor).to(device).train()
-        optimizer = make_optimizer(networks, cfg)
-        sampler = EditSampler(train_records, cfg.train.batch_size * n, seed=0)
-        times = []
-        for step in range(1 + args.steps):
-            start = time.perf_counter()
-            training_step(model, tokenizer, networks, optimizer, sampler, step, cfg, device,
-                          prefix_cache=cache, moments=moments)
-            if step:
-                times.append(time.perf_counter() - start)
-        step_s = statistics.median(times)
-        print(f"n_edits {n}: {step_s:.2f} s per step, {step_s / (n * cfg.train.batch_size):.3f} s per fact", flush=True)
+        per_fact = time_steps(model, tokenizer, train_records, cfg, cfg.train.batch_size, args.steps, warmup=1,
+                              prefix_cache=cache, moments=moments)
+        per_step = per_fact * n * cfg.train.batch_size
+        print(f"n_edits {n}: {per_step:.2f} s per step, {per_fact:.3f} s per fact", flush=True)
 
 
 if __name__ == "__main__":

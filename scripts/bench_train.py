@@ -34,8 +34,9 @@ from mend.trainer import make_optimizer, training_step
 
 
 def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warmup: int = 3,
-               prefix_cache=None) -> float:
-    """Median seconds per edit example over ``steps`` training steps of ``batch_size`` edits."""
+               prefix_cache=None, moments=None) -> float:
+    """Median seconds per edit example over ``steps`` training steps of ``batch_size`` edits (each of
+    ``cfg.train.n_edits`` facts); ``moments`` is the preserved knowledge the solves keep, as in training."""
     device = next(model.parameters()).device
     targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
     torch.manual_seed(0)
@@ -46,7 +47,8 @@ def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warm
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        training_step(model, tokenizer, networks, optimizer, sampler, step, cfg, device, prefix_cache=prefix_cache)
+        training_step(model, tokenizer, networks, optimizer, sampler, step, cfg, device, prefix_cache=prefix_cache,
+                      moments=moments)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
