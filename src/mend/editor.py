@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_ten
 from .config import Aggregation, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
 from .memory import EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments
+from .neighbours import KeyBank, first_predictions
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -38,8 +39,10 @@ WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
-EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale")
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale", "neighbour_weight",
+                      "neighbour_count")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
+NEIGHBOURS_FILE = "neighbours.safetensors"  # the key bank of retrieved neighbours (`mend.neighbours`)
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
 
@@ -108,6 +111,7 @@ class Editor:
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
         self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._basis_cache: dict[str, tuple] = {}  # name -> (moment, weight, its MomentBasis)
+        self.neighbours: KeyBank | None = None  # keys of known facts, retrieved per edit (`mend.neighbours`)
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
         self._applied: list[EditResult] = []
@@ -155,6 +159,7 @@ class Editor:
         if other.memory is not None and self.memory is not None:
             other.memory.load_tensors(self.memory.tensors())
         other.preserved = dict(self.preserved)
+        other.neighbours = self.neighbours
         return other
 
     # ------------------------------------------------------------------ lifelong memory
@@ -190,14 +195,27 @@ class Editor:
                                   answer_weight)
         self.preserved = check_moments(moments, self.targets)
 
-    def _moment(self, name: str):
+    def build_neighbours(self, pairs: list[tuple[str, str]], *, batch_size: int = 16) -> None:
+        """Keep the keys of known (prompt, answer) facts at their last prompt token (`mend.neighbours`),
+        computed on the model as it is now and saved with the editor. With ``neighbour_weight > 0`` each
+        later fact's ``neighbour_count`` nearest of them join its solve. ``editor.neighbours = None``
+        drops the bank."""
+        self.neighbours = KeyBank.build(self.model, self.targets, self.tokenizer, list(pairs),
+                                        max_length=self.max_length, batch_size=batch_size)
+
+    def _moment(self, name: str, queries: torch.Tensor | None = None):
         """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep.
-        Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve."""
+        Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve.
+        ``queries`` (q, d_in): the raw keys of the edit's facts at their last prompt token, which
+        retrieve their neighbours from the bank when ``neighbour_weight > 0``."""
         config = self.networks.config
         parts = []
         remembered = self.memory.moment(name) if self.memory is not None else None
         if remembered is not None and config.memory_weight > 0:
             parts.append(config.memory_weight * remembered.double())
+        if self.neighbours is not None and queries is not None and config.neighbour_weight > 0:
+            near = self.neighbours.moment(name, queries, config.neighbour_count)  # (d_in, d_in)
+            parts.append(config.preserve_weight * config.neighbour_weight * near)
         if name in self.preserved and config.preserve_weight > 0:
             if not parts:
                 return self._preserved_basis(name, config.preserve_weight)
@@ -239,6 +257,8 @@ class Editor:
         entry = MemoryEntry() if self.memory is not None else None
         norms = self.memory.norms_for(self.networks) if self.memory is not None else None
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
+        queries = {t.name: [] for t in self.targets}  # raw keys at each fact's last prompt token
+        retrieve = self.neighbours is not None and config.neighbour_weight > 0
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
         was_training = self.networks.training
@@ -259,6 +279,10 @@ class Editor:
                     for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
                         keys[name].append(u_t)
                         deltas[name].append(delta_t)
+                if retrieve:
+                    first = first_predictions(capture.predicting, capture.rows)  # (n,) one per fact
+                    for target in self.targets:
+                        queries[target.name].append(capture.factors[target.name][0][first])
                 if entry is not None:  # the memory keeps the keys the solve fits
                     for target in self.targets:
                         u, delta = capture.factors[target.name]
@@ -275,7 +299,8 @@ class Editor:
                 name = target.name
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
-                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
+                    aggregation=self.aggregation, rho=ridges[name],
+                    moment=self._moment(name, torch.cat(queries[name]) if retrieve else None),
                     solve=solve))
         return factors, loss_sum / len(pairs), entry
 
@@ -415,6 +440,8 @@ class Editor:
                 save_tensors(self.memory.tensors(), Path(staging) / MEMORY_FILE)
             if self.preserved:
                 save_tensors(self.preserved, Path(staging) / PRESERVED_FILE)
+            if self.neighbours is not None:
+                save_tensors(self.neighbours.tensors(), Path(staging) / NEIGHBOURS_FILE)
             save_yaml(meta, Path(staging) / CONFIG_FILE)
 
         atomic_write_dir(path, write)
@@ -480,6 +507,11 @@ class Editor:
                 editor.preserved = check_moments(load_tensors(path / PRESERVED_FILE, editor.device), editor.targets)
             except ValueError as error:
                 raise CheckpointError(f"{path / PRESERVED_FILE} does not fit this editor: {error}") from None
+        if (path / NEIGHBOURS_FILE).is_file():
+            try:
+                editor.neighbours = KeyBank.from_tensors(load_tensors(path / NEIGHBOURS_FILE), editor.targets)
+            except ValueError as error:
+                raise CheckpointError(f"{path / NEIGHBOURS_FILE} does not fit this editor: {error}") from None
         if settings:
             editor.configure(**settings)
         return editor
