@@ -62,9 +62,30 @@ def test_nearest_returns_each_querys_most_similar_keys_at_the_banks_scale():
     assert near.shape == (4, 4)
     torch.testing.assert_close(near[:2], 2.0 * torch.stack([keys[1], keys[0]]))
     torch.testing.assert_close(near[2:], 2.0 * torch.stack([keys[0], keys[2]]))
-    moment = bank.moment("w", queries[:1], k=2)
-    torch.testing.assert_close(moment, (near[:2].double().t() @ near[:2].double()) / 2)
     assert bank.nearest("w", queries, k=10).shape == (2 * 3, 4)  # k is capped at the bank's size
+
+
+@pytest.mark.parametrize("fit_predictions", [False, True])
+def test_guard_rows_in_the_n_space_solve_equal_adding_their_moment_to_c(fit_predictions):
+    from mend.aggregate import MomentBasis, aggregate_facts
+    from mend.networks import update_from
+
+    d_in, d_out = 12, 7
+    keys, deltas = torch.randn(9, d_in), torch.randn(9, d_out)
+    facts = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    solve = torch.tensor([False, True, True, False, True, False, False, True, True]) if fit_predictions else None
+    base = torch.randn(d_in, 30)
+    moment = (base @ base.t() / 30).double()  # (d_in, d_in) a preserved moment
+    guard = 3.0 * torch.randn(5, d_in)  # five neighbour keys
+    rho, lr = torch.tensor(1e-2), torch.tensor(0.5)
+    fast = aggregate_facts(keys, deltas, lr, facts, aggregation="ridge", rho=rho, moment=MomentBasis.of(moment),
+                           solve=solve, guard=guard)
+    dense = aggregate_facts(keys, deltas, lr, facts, aggregation="ridge", rho=rho, solve=solve, space="d",
+                            moment=moment + guard.double().t() @ guard.double())
+    torch.testing.assert_close(update_from(*fast), update_from(*dense), rtol=1e-4, atol=1e-5)
+    plain = aggregate_facts(keys, deltas, lr, facts, aggregation="ridge", rho=rho, moment=MomentBasis.of(moment),
+                            solve=solve)
+    assert (guard @ update_from(*fast).t()).norm() < 0.5 * (guard @ update_from(*plain).t()).norm()
 
 
 def test_a_bank_changes_nothing_until_its_weight_is_set():

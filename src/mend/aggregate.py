@@ -84,7 +84,7 @@ def own_values(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor,
 
 def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, facts: torch.Tensor, *,
                     aggregation: Aggregation, rho: torch.Tensor, moment: torch.Tensor | None = None,
-                    space: str = "auto", solve: torch.Tensor | None = None
+                    space: str = "auto", solve: torch.Tensor | None = None, guard: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One matrix's update from every fact of an edit: (K (m, d_in), D' (m, d_out), lr), dW = -lr D'^T K.
 
@@ -98,17 +98,33 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
         space: "n" or "d" forces a form of the solve (tests); "auto" takes the smaller one.
         solve: (n,) bool, the positions the ridge solve fits (`SolveKeys`); None = all. The result
             then has one row per fitted position (m = solve.sum()), else m = n.
+        guard: (g, d_in) raw keys whose outputs the update should keep (retrieved neighbours), as if
+            ``guard^T guard`` were added to C. With a `MomentBasis` they join the n-space solve as rows
+            with zero value shift (the same solution, exactly), and the result has m + g rows.
     """
     if Aggregation(aggregation) == Aggregation.sum:
         return keys, deltas, lr
     if solve is not None and bool(solve.all()):
         solve = None
     if isinstance(moment, MomentBasis):  # a fixed moment in its eigenbasis: the n-space push-through form
+        counted = None
+        if guard is not None and len(guard):  # zero-value rows of a fact of their own, left out of lambda
+            n = keys.shape[0]
+            keys = torch.cat([keys, guard.to(keys.dtype)])
+            deltas = torch.cat([deltas, deltas.new_zeros(len(guard), deltas.shape[1])])
+            facts = torch.cat([facts, facts.new_full((len(guard),), int(facts.max()) + 1)])
+            counted = torch.arange(len(keys), device=keys.device) < n
+            if solve is not None:
+                solve = torch.cat([solve, solve.new_ones(len(guard))])
         k_new, d_new, _ = aggregate_grouped(keys[None], deltas[None], facts[None], lr, aggregation=aggregation,
-                                            rho=rho, moment=moment, solve=None if solve is None else solve[None])
+                                            rho=rho, moment=moment, solve=None if solve is None else solve[None],
+                                            counted=None if counted is None else counted[None])
         if solve is not None:
             return k_new[0][solve], d_new[0][solve], lr
         return k_new[0], d_new[0], lr
+    if guard is not None and len(guard):
+        g64 = guard.double()
+        moment = g64.t() @ g64 if moment is None else moment.double() + g64.t() @ g64  # (d_in, d_in)
     values = own_values(keys, deltas, facts, rows=solve)  # (m, d_out) = blockdiag(U_s,i U_i^T) D
     if solve is not None:
         keys = keys[solve]
@@ -150,7 +166,8 @@ class MomentBasis:
 
 def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr: torch.Tensor, *,
                       aggregation: Aggregation, rho: torch.Tensor, moment: MomentBasis | None = None,
-                      solve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      solve: torch.Tensor | None = None, counted: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The n-space solve for G independent edits at once, differentiable (meta-training).
 
     Args:
@@ -158,6 +175,7 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
         facts: (G, n) the fact of each position, -1 on padding.
         moment: a fixed key moment C kept in every group's solve (preserved knowledge), or None.
         solve: (G, n) bool, the positions the solve fits (`SolveKeys`); None = every valid one.
+        counted: (G, n) bool, the positions whose key norms set lambda; None = every fitted one.
 
     Returns:
         (K (G, n, d_in), D' (G, n, d_out), lr) for `mend.grouped_edit.edits_by_row_group`. Padding rows
@@ -182,7 +200,7 @@ def aggregate_grouped(keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Ten
         values = values * fitted[..., None]
         keys = keys * valid[..., None].to(keys.dtype)
         gram = gram * (fitted[:, :, None] * fitted[:, None, :])  # the Gram matrix of the masked keys
-    lam = ridge_lambda(keys, rho, valid)  # (G,)
+    lam = ridge_lambda(keys, rho, valid if counted is None else valid & counted)  # (G,)
     eye = torch.eye(keys.shape[1], dtype=torch.float64, device=keys.device)
     if moment is None:
         lhs = gram + lam[:, None, None] * eye  # (G, n, n)

@@ -203,19 +203,23 @@ class Editor:
         self.neighbours = KeyBank.build(self.model, self.targets, self.tokenizer, list(pairs),
                                         max_length=self.max_length, batch_size=batch_size)
 
-    def _moment(self, name: str, queries: torch.Tensor | None = None):
+    def _guard(self, name: str, queries: torch.Tensor) -> torch.Tensor:
+        """The retrieved neighbours of matrix ``name`` as rows ``n`` whose ``n^T n`` joins the solve's C:
+        queries (q, d_in), the raw keys of the edit's facts at their last prompt token -> (q * k, d_in),
+        so that ``n^T n = preserve_weight * neighbour_weight * (1/k) sum_j n_j n_j^T`` per fact."""
+        config = self.networks.config
+        k = min(int(config.neighbour_count), len(self.neighbours))
+        near = self.neighbours.nearest(name, queries, k)  # (q * k, d_in)
+        return near * (config.preserve_weight * config.neighbour_weight / k) ** 0.5
+
+    def _moment(self, name: str):
         """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep.
-        Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve.
-        ``queries`` (q, d_in): the raw keys of the edit's facts at their last prompt token, which
-        retrieve their neighbours from the bank when ``neighbour_weight > 0``."""
+        Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve."""
         config = self.networks.config
         parts = []
         remembered = self.memory.moment(name) if self.memory is not None else None
         if remembered is not None and config.memory_weight > 0:
             parts.append(config.memory_weight * remembered.double())
-        if self.neighbours is not None and queries is not None and config.neighbour_weight > 0:
-            near = self.neighbours.moment(name, queries, config.neighbour_count)  # (d_in, d_in)
-            parts.append(config.preserve_weight * config.neighbour_weight * near)
         if name in self.preserved and config.preserve_weight > 0:
             if not parts:
                 return self._preserved_basis(name, config.preserve_weight)
@@ -299,8 +303,8 @@ class Editor:
                 name = target.name
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
-                    aggregation=self.aggregation, rho=ridges[name],
-                    moment=self._moment(name, torch.cat(queries[name]) if retrieve else None),
+                    aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
+                    guard=self._guard(name, torch.cat(queries[name])) if retrieve else None,
                     solve=solve))
         return factors, loss_sum / len(pairs), entry
 

@@ -99,12 +99,6 @@ class KeyBank:
         chosen = scores.topk(k, dim=1).indices.flatten()  # (q * k,)
         return bank[chosen] * self.scales[name]
 
-    def moment(self, name: str, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """``(1/k) sum_j n_j n_j^T`` over each query's ``k`` nearest keys, summed over queries:
-        (d_in, d_in) float64."""
-        near = self.nearest(name, queries, k).double()  # (q * k, d_in)
-        return near.t() @ near / min(int(k), len(self))
-
     # ------------------------------------------------------------------ files
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
