@@ -10,9 +10,7 @@ remembering (`mend.Editor.load(out).remembers`), with an empty edit memory; its 
 (`mend eval --methods mend`) keep the preserved knowledge too. ``--stateless`` saves it stateless.
 
 ``--answer-weight A`` adds A times the moment at the positions that predict the probes' answers
-(`mend.memory.answer_key_moments`), as ``train.preserve_answer_weight`` does in meta-training.
-``--neighbour-records N`` saves a bank of the keys of the first N records' probes at their last prompt
-token (`mend.neighbours`), retrieved per edit when ``--set neighbour_weight=W`` is above 0:
+(`mend.memory.answer_key_moments`), as ``train.preserve_answer_weight`` does in meta-training:
 
     python scripts/preserve.py --editor runs/counterfact-quality/best --data ../shared/data/counterfact/train.json \
         --limit 2000 --answer-weight 1 --stateless --out runs/cfq-answers1
@@ -37,9 +35,6 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="where to save the lifelong editor")
     parser.add_argument("--answer-weight", type=float, default=0.0,
                         help="weight of the probes' answer-position moment added to the preserved one")
-    parser.add_argument("--neighbour-records", type=int, default=0,
-                        help="keep the last-prompt-token keys of the locality probes of this many records of --data "
-                             "as a bank of neighbours retrieved at edit time (mend.neighbours; 0: none)")
     parser.add_argument("--stateless", action="store_true", help="save a stateless editor (no edit memory)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -55,8 +50,6 @@ def main(argv=None) -> None:
         settings[key] = yaml.safe_load(value)
     if args.answer_weight < 0:
         raise SystemExit(f"--answer-weight must be >= 0, got {args.answer_weight}")
-    if args.neighbour_records < 0:
-        raise SystemExit(f"--neighbour-records must be >= 0, got {args.neighbour_records}")
     editor = mend.Editor.load(args.editor, lifelong=not args.stateless, device=args.device, settings=settings)
     records = load_records(args.data, limit=args.limit)
     texts = locality_texts(records)
@@ -64,14 +57,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.data} has no locality probes to preserve")
     answers = locality_pairs(records) if args.answer_weight > 0 else None
     editor.preserve(texts, answers=answers, answer_weight=args.answer_weight)
-    if args.neighbour_records:
-        editor.build_neighbours(locality_pairs(load_records(args.data, limit=args.neighbour_records)))
-        extra_bank = f"; a bank of {len(editor.neighbours)} neighbour keys"
-    else:
-        extra_bank = ""
     editor.save(args.out)
     extra = f" and the answers of {len(answers)} probes (weight {args.answer_weight:g})" if answers else ""
-    print(f"preserved the keys of {len(texts)} texts{extra}{extra_bank}; wrote {args.out}")
+    print(f"preserved the keys of {len(texts)} texts{extra}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -293,15 +293,6 @@ def test_the_preserve_script_makes_a_lifelong_editor_from_a_trained_one(tmp_path
     at_answers = answer_key_moments(with_answers.model, with_answers.targets, with_answers.tokenizer, probes)
     for name, moment in with_answers.preserved.items():
         torch.testing.assert_close(moment, loaded.preserved[name] + 2.0 * at_answers[name], rtol=1e-4, atol=1e-6)
-    # --neighbour-records saves a bank of the first records' probe keys, used with neighbour_weight
-    module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
-                 "--out", str(tmp_path / "bank"), "--neighbour-records", "3", "--set", "neighbour_weight=2"])
-    banked = Editor.load(tmp_path / "bank")
-    assert len(banked.neighbours) == 3 and banked.networks.config.neighbour_weight == 2.0
-    assert with_answers.neighbours is None
-    with pytest.raises(SystemExit, match="--neighbour-records must be >= 0"):
-        module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
-                     "--out", str(tmp_path / "bad"), "--neighbour-records", "-1"])
     with pytest.raises(SystemExit, match="--answer-weight must be >= 0"):
         module.main(["--editor", str(tmp_path / "trained"), "--data", str(tmp_path / "records.json"),
                      "--out", str(tmp_path / "bad"), "--answer-weight", "-1"])

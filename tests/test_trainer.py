@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import mend.trainer as trainer
-from mend import ConfigError, Editor
+from mend import Editor
 from mend.config import load_config
 from mend.networks import MendNetworks
 from mend.objective import StepOutput
@@ -298,28 +298,6 @@ def test_answer_moments_enter_the_training_solve_and_the_saved_editor_as_configu
     run(tmp_path / "b", *common, model=model, tokenizer=tokenizer)  # a second run reads both cached moments
     out = capsys.readouterr().out
     assert "preserved knowledge: read preserved-answers-" in out and "(6 texts)" in out
-
-
-def test_a_run_with_neighbour_records_saves_their_bank_and_never_retrieves_in_training(tmp_path, capsys):
-    from mend.neighbours import KeyBank
-    from mend.preserved import locality_pairs
-
-    model, tokenizer = tiny_model("llama")
-    common = ["train.max_steps=2", "train.val_every=2", "train.preserve_records=6", "editor.preserve_weight=50",
-              "train.neighbour_records=5", "editor.neighbour_weight=2"]
-    plain = run(tmp_path / "plain", *common[:4], model=model, tokenizer=tokenizer)
-    result = run(tmp_path / "a", *common, model=model, tokenizer=tokenizer)
-    assert "computed from the last prompt tokens of 5 probes" in capsys.readouterr().out
-    # training is the same run with or without the bank: it is an edit-time setting
-    assert plain.progress.history[-1]["score"] == result.progress.history[-1]["score"]
-    editor = Editor.load(result.best_dir, model, tokenizer)
-    expected = KeyBank.build(model, editor.targets, tokenizer, locality_pairs(tiny_records(), 5))
-    assert len(editor.neighbours) == 5 and editor.networks.config.neighbour_weight == 2.0
-    assert all(torch.equal(editor.neighbours.keys[n], expected.keys[n]) for n in expected.keys)
-    run(tmp_path / "b", *common, model=model, tokenizer=tokenizer)  # a second run reads the cached bank
-    assert "preserved knowledge: read neighbours-" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="train.neighbour_records must be >= 0"):
-        config(tmp_path / "c", "train.neighbour_records=-1")
 
 
 def test_learning_rates_warm_up_then_follow_a_cosine_to_zero(tmp_path):

@@ -81,26 +81,28 @@ def check_text(value, what: str) -> str:
     return value
 
 
-def check_pairs(pairs) -> list[tuple[str, str]]:
+def check_pairs(pairs, what: str = "pairs") -> list[tuple[str, str]]:
     """The one input check of an edit request: ``pairs`` as a list of (prompt, target) string tuples.
 
     Accepts any iterable of 2-tuples, 2-lists or ``{"prompt": ..., "target": ...}`` mappings.
+    ``what`` names the argument in the messages (``keep`` for the facts an edit must leave alone).
 
     Raises:
         EditInputError: not an iterable of pairs, an empty one, a pair of the wrong length, or text
             that `check_text` refuses; the message names the pair by its index.
     """
+    label = "" if what == "pairs" else f"{what} "
     if isinstance(pairs, (str, bytes, dict)) or not hasattr(pairs, "__iter__"):
-        raise EditInputError(f"pairs must be a list of (prompt, target) tuples, got {type(pairs).__name__}: {pairs!r}")
+        raise EditInputError(f"{what} must be a list of (prompt, target) tuples, got {type(pairs).__name__}: {pairs!r}")
     out = []
     for i, pair in enumerate(pairs):
         if isinstance(pair, dict):
             pair = (pair.get("prompt"), pair.get("target"))
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise EditInputError(f"pair #{i} must be a (prompt, target) tuple, got {pair!r}")
-        out.append((check_text(pair[0], f"prompt #{i}"), check_text(pair[1], f"target #{i}")))
+            raise EditInputError(f"{label}pair #{i} must be a (prompt, target) tuple, got {pair!r}")
+        out.append((check_text(pair[0], f"{label}prompt #{i}"), check_text(pair[1], f"{label}target #{i}")))
     if not out:
-        raise EditInputError("no (prompt, target) pairs were given")
+        raise EditInputError(f"no (prompt, target) pairs were given{'' if what == 'pairs' else ' in ' + what}")
     return out
 
 

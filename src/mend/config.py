@@ -96,11 +96,9 @@ class EditorConfig:
     # Multiplies every update at edit time (1: the trained step sizes). Below 1 a trained editor's edits
     # move the model less: less change to the neighbours, less margin on the edited fact.
     edit_scale: float = 1.0
-    # Retrieved neighbours (`mend.neighbours`): with a key bank saved with the editor, each fact's
-    # ``neighbour_count`` nearest bank keys join its solve with this weight (relative to the preserved
-    # moment's, times preserve_weight). 0: the bank is not used.
-    neighbour_weight: float = 0.0
-    neighbour_count: int = 16
+    # Weight of each key of the facts an edit is asked to keep (`Editor.edit(..., keep=[...])`): every
+    # position of every kept (prompt, answer) joins the solve's C with this weight.
+    keep_weight: float = 1000.0
 
 
 @dataclass
@@ -138,10 +136,6 @@ class TrainConfig:
     # The same answer moment added to the saved editor's preserved knowledge only, with this weight: the
     # edit-time solve guards the neighbours' answer keys more than meta-training did (docs/quality.md).
     edit_answer_weight: float = 0.0
-    # The saved editor keeps a bank of the last-prompt-token keys of the locality probes of this many
-    # training records (`mend.neighbours`); editor.neighbour_weight sets what each edit's nearest ones
-    # weigh in its solve. Edit time only: meta-training and validation do not retrieve. 0 = no bank.
-    neighbour_records: int = 0
     warmup_steps: int = 0  # linear warm-up of both learning rates over this many steps
     lr_decay: str = "none"  # none | cosine: decay both learning rates to 0 at max_steps
     max_minutes: Optional[float] = None  # stop (and validate) once training has run this long; null = no limit
@@ -300,8 +294,6 @@ def validate(cfg) -> None:
             raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
         if cfg.train[key] > 0 and cfg.train.preserve_records == 0:
             raise ConfigError(f"train.{key} needs train.preserve_records > 0 (the probes whose answers it preserves)")
-    if cfg.train.neighbour_records < 0:
-        raise ConfigError(f"train.neighbour_records must be >= 0, got {cfg.train.neighbour_records}")
     if cfg.train.preserve_records < 0 or cfg.train.warmup_steps < 0:
         raise ConfigError(f"train.preserve_records and train.warmup_steps must be >= 0, got "
                           f"{cfg.train.preserve_records}, {cfg.train.warmup_steps}")
@@ -335,13 +327,11 @@ def validate_editor(editor) -> None:
         raise ConfigError(f"editor.init_lr must be > 0, got {editor.init_lr}")
     if not editor.ridge > 0:
         raise ConfigError(f"editor.ridge must be > 0, got {editor.ridge}")
-    for key in ("memory_weight", "preserve_weight", "neighbour_weight"):
+    for key in ("memory_weight", "preserve_weight", "keep_weight"):
         if not editor[key] >= 0:
             raise ConfigError(f"editor.{key} must be >= 0, got {editor[key]}")
     if not editor.edit_scale > 0:
         raise ConfigError(f"editor.edit_scale must be > 0, got {editor.edit_scale}")
-    if editor.neighbour_count < 1:
-        raise ConfigError(f"editor.neighbour_count must be >= 1, got {editor.neighbour_count}")
     if editor.edit_chunk < 1:
         raise ConfigError(f"editor.edit_chunk must be >= 1, got {editor.edit_chunk}")
     if editor.lifelong and editor.aggregation != Aggregation.ridge:

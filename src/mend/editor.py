@@ -24,12 +24,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .aggregate import MomentBasis, aggregate_facts
 from .batching import check_pairs, encode_pairs
-from .capture import capture_rank1
+from .capture import ModuleRecorder, capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
 from .memory import EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments
-from .neighbours import KeyBank, first_predictions
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -39,10 +38,8 @@ WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
-EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale", "neighbour_weight",
-                      "neighbour_count")
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
-NEIGHBOURS_FILE = "neighbours.safetensors"  # the key bank of retrieved neighbours (`mend.neighbours`)
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
 
@@ -111,7 +108,6 @@ class Editor:
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
         self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._basis_cache: dict[str, tuple] = {}  # name -> (moment, weight, its MomentBasis)
-        self.neighbours: KeyBank | None = None  # keys of known facts, retrieved per edit (`mend.neighbours`)
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
         self._applied: list[EditResult] = []
@@ -159,7 +155,6 @@ class Editor:
         if other.memory is not None and self.memory is not None:
             other.memory.load_tensors(self.memory.tensors())
         other.preserved = dict(self.preserved)
-        other.neighbours = self.neighbours
         return other
 
     # ------------------------------------------------------------------ lifelong memory
@@ -195,23 +190,6 @@ class Editor:
                                   answer_weight)
         self.preserved = check_moments(moments, self.targets)
 
-    def build_neighbours(self, pairs: list[tuple[str, str]], *, batch_size: int = 16) -> None:
-        """Keep the keys of known (prompt, answer) facts at their last prompt token (`mend.neighbours`),
-        computed on the model as it is now and saved with the editor. With ``neighbour_weight > 0`` each
-        later fact's ``neighbour_count`` nearest of them join its solve. ``editor.neighbours = None``
-        drops the bank."""
-        self.neighbours = KeyBank.build(self.model, self.targets, self.tokenizer, list(pairs),
-                                        max_length=self.max_length, batch_size=batch_size)
-
-    def _guard(self, name: str, queries: torch.Tensor) -> torch.Tensor:
-        """The retrieved neighbours of matrix ``name`` as rows ``n`` whose ``n^T n`` joins the solve's C:
-        queries (q, d_in), the raw keys of the edit's facts at their last prompt token -> (q * k, d_in),
-        so that ``n^T n = preserve_weight * neighbour_weight * (1/k) sum_j n_j n_j^T`` per fact."""
-        config = self.networks.config
-        k = min(int(config.neighbour_count), len(self.neighbours))
-        near = self.neighbours.nearest(name, queries, k)  # (q * k, d_in)
-        return near * (config.preserve_weight * config.neighbour_weight / k) ** 0.5
-
     def _moment(self, name: str):
         """C of matrix ``name`` for the next solve (float64), or None when there is nothing to keep.
         Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve."""
@@ -235,24 +213,51 @@ class Editor:
             self._basis_cache[name] = held
         return held[2]
 
+    @torch.no_grad()
+    def _kept_keys(self, keep: list[tuple[str, str]]) -> dict[str, torch.Tensor] | None:
+        """name -> (n, d_in): the raw input of every matrix at every position of the ``keep`` facts
+        (prompt and answer), on the model as it is now, times ``sqrt(keep_weight)``; None for no facts."""
+        weight = float(self.networks.config.keep_weight)
+        if not keep or weight == 0:
+            return None
+        batch = encode_pairs(self.tokenizer, [p for p, _ in keep], [a for _, a in keep], max_length=self.max_length,
+                             what=("kept prompt", "kept answer")).to(self.device)
+        with ModuleRecorder(self.model, self.targets) as recorder:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+        real = batch.attention_mask.bool()  # (B, T)
+        return {t.name: recorder.inputs[t.name][real].float() * weight ** 0.5 for t in self.targets}
+
     def _require_memory(self, what: str) -> None:
         if self.memory is None:
             raise ValueError(f"{what} needs a lifelong editor: build it with lifelong=True "
                              f"(Editor(..., lifelong=True), Editor.load(path, lifelong=True) or editor.lifelong=true)")
 
     # ------------------------------------------------------------------ editing
-    def compute_updates(self, pairs) -> tuple[dict[str, torch.Tensor], dict, float]:
+    def compute_updates(self, pairs, *, keep=None) -> tuple[dict[str, torch.Tensor], dict, float]:
         """The updates an edit would apply, without applying them (nor touching the memory).
 
         Returns:
             (updates name -> dW (d_out, d_in) float32, factors name -> (K, D', lr) for exact replay,
             loss: the mean over facts of each fact's mean target NLL).
         """
-        factors, loss, _ = self._prepare(check_pairs(pairs))
+        factors, loss, _ = self._prepare(check_pairs(pairs), self._check_keep(keep))
         return {name: update_from(*f) for name, f in factors.items()}, factors, loss
 
-    def _prepare(self, pairs: list[tuple[str, str]]) -> tuple[dict, float, MemoryEntry | None]:
-        """Capture every fact with its own loss, chunk by chunk, transform, aggregate.
+    def _check_keep(self, keep) -> list[tuple[str, str]]:
+        if keep is None:
+            return []
+        if self.aggregation != Aggregation.ridge:
+            raise ValueError(f"keep needs aggregation='ridge' (a sum of rank-1 updates has no solve to keep "
+                             f"facts in), this editor's is {self.aggregation.value!r}")
+        if isinstance(keep, (list, tuple)) and not keep:
+            return []
+        return check_pairs(keep, what="keep")
+
+    def _prepare(self, pairs: list[tuple[str, str]], kept_facts: list[tuple[str, str]] = ()
+                 ) -> tuple[dict, float, MemoryEntry | None]:
+        """Capture every fact with its own loss, chunk by chunk, transform, aggregate; the keys of the
+        ``kept_facts`` join every solve (`_kept_keys`).
 
         Returns (factors name -> (K (n, d_in), D' (n, d_out), lr), loss, what the edit adds to the memory).
         """
@@ -261,8 +266,6 @@ class Editor:
         entry = MemoryEntry() if self.memory is not None else None
         norms = self.memory.norms_for(self.networks) if self.memory is not None else None
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
-        queries = {t.name: [] for t in self.targets}  # raw keys at each fact's last prompt token
-        retrieve = self.neighbours is not None and config.neighbour_weight > 0
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
         was_training = self.networks.training
@@ -283,10 +286,6 @@ class Editor:
                     for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
                         keys[name].append(u_t)
                         deltas[name].append(delta_t)
-                if retrieve:
-                    first = first_predictions(capture.predicting, capture.rows)  # (n,) one per fact
-                    for target in self.targets:
-                        queries[target.name].append(capture.factors[target.name][0][first])
                 if entry is not None:  # the memory keeps the keys the solve fits
                     for target in self.targets:
                         u, delta = capture.factors[target.name]
@@ -295,6 +294,7 @@ class Editor:
         finally:
             self.networks.train(was_training)
         facts, solve = torch.cat(facts), torch.cat(solve) if fit_predictions else None
+        kept = self._kept_keys(list(kept_facts))
         lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
         lrs = {name: lr * float(config.edit_scale) for name, lr in lrs.items()}  # the update is linear in lr
         factors = {}
@@ -304,20 +304,25 @@ class Editor:
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
                     aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
-                    guard=self._guard(name, torch.cat(queries[name])) if retrieve else None,
-                    solve=solve))
+                    solve=solve, guard=None if kept is None else kept[name]))
         return factors, loss_sum / len(pairs), entry
 
-    def edit(self, prompt: str, target: str) -> EditResult:
-        """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass."""
-        return self.edit_many([(prompt, target)])
+    def edit(self, prompt: str, target: str, *, keep=None) -> EditResult:
+        """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass.
+        ``keep``: (prompt, answer) facts the edit must leave alone (see `edit_many`)."""
+        return self.edit_many([(prompt, target)], keep=keep)
 
-    def edit_many(self, pairs) -> EditResult:
+    def edit_many(self, pairs, *, keep=None) -> EditResult:
         """Apply several (prompt, target) facts together as one edit: each fact is captured with its
-        own loss, and the facts' updates are aggregated (``aggregation``) into one per matrix."""
+        own loss, and the facts' updates are aggregated (``aggregation``) into one per matrix.
+
+        ``keep``: (prompt, answer) facts to leave alone, for instance the edited fact's neighbours (same
+        relation, another subject). The layer inputs at every position of each of them join the ridge
+        solve with weight ``editor.keep_weight``, so the update barely changes what the edited
+        matrices output there: one more forward pass, no backward."""
         start = time.perf_counter()
         pairs = check_pairs(pairs)
-        factors, loss, entry = self._prepare(pairs)
+        factors, loss, entry = self._prepare(pairs, self._check_keep(keep))
         updates = {name: update_from(*f) for name, f in factors.items()}
         new_weights = self._updated_weights(updates)  # checked in the weights' own dtype before any write
         for name, weight in new_weights.items():
@@ -444,8 +449,6 @@ class Editor:
                 save_tensors(self.memory.tensors(), Path(staging) / MEMORY_FILE)
             if self.preserved:
                 save_tensors(self.preserved, Path(staging) / PRESERVED_FILE)
-            if self.neighbours is not None:
-                save_tensors(self.neighbours.tensors(), Path(staging) / NEIGHBOURS_FILE)
             save_yaml(meta, Path(staging) / CONFIG_FILE)
 
         atomic_write_dir(path, write)
@@ -511,11 +514,6 @@ class Editor:
                 editor.preserved = check_moments(load_tensors(path / PRESERVED_FILE, editor.device), editor.targets)
             except ValueError as error:
                 raise CheckpointError(f"{path / PRESERVED_FILE} does not fit this editor: {error}") from None
-        if (path / NEIGHBOURS_FILE).is_file():
-            try:
-                editor.neighbours = KeyBank.from_tensors(load_tensors(path / NEIGHBOURS_FILE), editor.targets)
-            except ValueError as error:
-                raise CheckpointError(f"{path / NEIGHBOURS_FILE} does not fit this editor: {error}") from None
         if settings:
             editor.configure(**settings)
         return editor

@@ -24,7 +24,6 @@ import torch
 
 from .checkpoint import load_tensors, save_tensors
 from .memory import answer_key_moments, check_moments, key_moments
-from .neighbours import KeyBank
 from .prefix_cache import cache_key, prefix_fingerprint, tokenizer_fingerprint
 from .targets import EditTarget, find_blocks
 
@@ -62,33 +61,18 @@ def answer_moments(model, targets: list[EditTarget], tokenizer, pairs: list[tupl
                    compute=lambda: answer_key_moments(model, targets, tokenizer, list(pairs), max_length=max_length))
 
 
-def neighbour_bank(model, targets: list[EditTarget], tokenizer, pairs: list[tuple[str, str]], *, max_length: int,
-                   directory=None, say=print) -> KeyBank:
-    """The `KeyBank` of (prompt, answer) ``pairs`` (their keys at the last prompt token), cached like
-    `preserved_moments`."""
-    if not pairs:
-        raise ValueError("no (prompt, answer) pairs to build a neighbour bank from (the records have no locality probes)")
-    return _cached(model, targets, tokenizer, max_length, directory, say, prefix="neighbours",
-                   content={"pairs": [list(p) for p in pairs]}, what=f"the last prompt tokens of {len(pairs)} probes",
-                   compute=lambda: KeyBank.build(model, targets, tokenizer, list(pairs), max_length=max_length).tensors(),
-                   check=lambda tensors: KeyBank.from_tensors(tensors, targets))
-
-
-def _cached(model, targets, tokenizer, max_length, directory, say, *, prefix: str, content: dict, what: str, compute,
-            check=None):
-    check = check or (lambda moments: check_moments(moments, targets))
+def _cached(model, targets, tokenizer, max_length, directory, say, *, prefix: str, content: dict, what: str, compute):
     parts = {"model": prefix_fingerprint(model, len(find_blocks(model)[1])), "tokenizer": tokenizer_fingerprint(tokenizer),
              "targets": [[t.name, t.d_in] for t in targets], "max_length": max_length,
              "texts": cache_key(content)}
     key = cache_key(parts)
     path = Path(directory) / f"{prefix}-{key}.safetensors" if directory is not None else None
     if path is not None and path.is_file():
-        loaded = check(load_tensors(path))
+        moments = check_moments(load_tensors(path), targets)
         say(f"preserved knowledge: read {path.name} ({what})")
-        return loaded
-    tensors = compute()
-    result = check(tensors)
+        return moments
+    moments = check_moments(compute(), targets)
     if path is not None:
-        save_tensors(tensors, path)
+        save_tensors(moments, path)
         say(f"preserved knowledge: computed from {what}, cached as {path}")
-    return result
+    return moments

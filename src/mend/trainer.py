@@ -317,13 +317,6 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     sampler = EditSampler(train_records, per_step, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     editor_view = Editor(model, tokenizer, networks, max_length=cfg.model.max_length, model_config=cfg.model)
     editor_view.preserved = preserved  # saved with every checkpoint: the editor solves with it at edit time too
-    if cfg.train.neighbour_records > 0:  # edit time only: saved with every checkpoint, never used in training
-        from .preserved import locality_pairs, neighbour_bank
-
-        editor_view.neighbours = neighbour_bank(
-            model, targets, tokenizer, locality_pairs(train_records, cfg.train.neighbour_records),
-            max_length=cfg.model.max_length, directory=run_cache_dir(cfg),
-            say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
 
     def checkpoint(metrics):
         improved = metrics["score"] > progress.best_score
