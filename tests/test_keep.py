@@ -104,3 +104,34 @@ def test_the_keep_weight_is_an_edit_time_setting_checked_like_a_config(tmp_path)
     editor.configure(keep_weight=20.0)
     editor.save(tmp_path / "editor")
     assert Editor.load(tmp_path / "editor", *tiny_model("llama")).networks.config.keep_weight == 20.0
+
+
+def test_the_keep_probes_script_keeps_each_records_locality_probes(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from mend import load_base_model
+    from tiny_models import save_tiny_hf_model
+
+    model, tokenizer = load_base_model(str(save_tiny_hf_model(tmp_path / "tiny", "llama")))
+    Editor.untrained(model, tokenizer, {"editor": {"init_lr": 0.5}}).save(tmp_path / "editor")
+    records = [{"case_id": i, "prompt": p, "target_new": t, "ground_truth": "x", "subject": p.split()[0],
+                "rephrase_prompt": "So, " + p, "locality_prompt": f"Number {i} is", "locality_ground_truth": "odd"}
+               for i, (p, t) in enumerate([EDIT, ("Bees make", "glue")])]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "keep_probes.py"
+    spec = importlib.util.spec_from_file_location("keep_probes", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kept = []
+    original = Editor.edit_many
+    Editor.edit_many = lambda self, pairs, keep=None: kept.append(keep) or original(self, pairs, keep=keep)
+    try:
+        module.main(["--editor", str(tmp_path / "editor"), "--data", str(tmp_path / "records.json"),
+                     "--out", str(tmp_path / "out")])
+    finally:
+        Editor.edit_many = original
+    assert kept == [[("Number 0 is", "odd")], [("Number 1 is", "odd")]]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "edits.jsonl").read_text().splitlines()]
+    assert [row["case_id"] for row in rows] == ["0", "1"] and all(row["locality_tf_acc"] is not None for row in rows)
