@@ -32,15 +32,15 @@ def answer_log_probs(editor, fact) -> torch.Tensor:
         return target_logits(editor.model, batch).log_softmax(-1)
 
 
-@pytest.mark.parametrize("fit_predictions", [False, True])
-def test_guard_rows_in_the_n_space_solve_equal_adding_their_moment_to_c(fit_predictions):
+@pytest.mark.parametrize("fit_predictions, n_guard", [(False, 5), (True, 5), (False, 40)])  # 40 + 9 rows > 12 inputs: d-space
+def test_guard_rows_in_the_n_space_solve_equal_adding_their_moment_to_c(fit_predictions, n_guard):
     d_in, d_out = 12, 7
     keys, deltas = torch.randn(9, d_in), torch.randn(9, d_out)
     facts = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     solve = torch.tensor([False, True, True, False, True, False, False, True, True]) if fit_predictions else None
     base = torch.randn(d_in, 30)
     moment = (base @ base.t() / 30).double()  # (d_in, d_in) a preserved moment
-    guard = 3.0 * torch.randn(5, d_in)  # five kept keys
+    guard = 3.0 * torch.randn(n_guard, d_in)  # the kept keys
     rho, lr = torch.tensor(1e-2), torch.tensor(0.5)
     fast = aggregate_facts(keys, deltas, lr, facts, aggregation="ridge", rho=rho, moment=MomentBasis.of(moment),
                            solve=solve, guard=guard)
@@ -91,9 +91,16 @@ def test_bad_facts_to_keep_are_refused_and_change_nothing(unchanged):
         editor.edit_many([EDIT], keep=[("A prompt", "")])
     with pytest.raises(EditInputError, match="keep must be a list"):
         editor.edit(*EDIT, keep="The mother tongue of Anna is French")
+    with pytest.raises(EditInputError, match="wrap one fact in a list"):
+        editor.edit(*EDIT, keep=NEIGHBOUR)
+    with pytest.raises(EditInputError, match="keep prompt"):
+        editor.edit(*EDIT, keep=[("word " * 400, "answer")])  # over model.max_length tokens
+    summing = editor.variant(aggregation="sum")
     with pytest.raises(ValueError, match="keep needs aggregation='ridge'"):
-        editor.variant(aggregation="sum").edit(*EDIT, keep=[NEIGHBOUR])
+        summing.edit(*EDIT, keep=[NEIGHBOUR])
     check()
+    summing.compute_updates([EDIT], keep=[])  # nothing to keep: any editor
+    editor.compute_updates([EDIT], keep=iter([]))
     assert not editor.applied
 
 
@@ -135,3 +142,13 @@ def test_the_keep_probes_script_keeps_each_records_locality_probes(tmp_path, cap
     assert kept == [[("Number 0 is", "odd")], [("Number 1 is", "odd")]]
     rows = [json.loads(line) for line in (tmp_path / "out" / "edits.jsonl").read_text().splitlines()]
     assert [row["case_id"] for row in rows] == ["0", "1"] and all(row["locality_tf_acc"] is not None for row in rows)
+
+
+def test_facts_to_keep_are_read_in_chunks_with_the_same_result():
+    editor = editor_for()
+    keep = [NEIGHBOUR, ("Bees make", "honey"), ("Snow is", "cold"), ("Fish live in", "water")]
+    whole, _, _ = editor.compute_updates([EDIT], keep=keep)
+    editor.configure(edit_chunk=1)
+    chunked, _, _ = editor.compute_updates([EDIT], keep=keep)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-6)

@@ -106,6 +106,8 @@ def aggregate_facts(keys: torch.Tensor, deltas: torch.Tensor, lr: torch.Tensor, 
         return keys, deltas, lr
     if solve is not None and bool(solve.all()):
         solve = None
+    if isinstance(moment, MomentBasis) and guard is not None and len(guard) + len(keys) > keys.shape[1]:
+        moment = moment.dense()  # more rows than inputs: the d-space solve is the smaller one
     if isinstance(moment, MomentBasis):  # a fixed moment in its eigenbasis: the n-space push-through form
         counted = None
         if guard is not None and len(guard):  # zero-value rows of a fact of their own, left out of lambda
@@ -159,6 +161,11 @@ class MomentBasis:
         """The eigenbasis of a symmetric positive semi-definite (d, d) moment."""
         eigenvalues, basis = torch.linalg.eigh(moment.double())
         return cls(basis.float(), eigenvalues.clamp(min=0))
+
+    def dense(self) -> torch.Tensor:
+        """The moment itself, ``Q diag(e) Q^T`` (d, d) float64."""
+        basis = self.basis.double()
+        return (basis * self.eigenvalues) @ basis.t()
 
     def to(self, device) -> "MomentBasis":
         return MomentBasis(self.basis.to(device), self.eigenvalues.to(device))

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .aggregate import MomentBasis, aggregate_facts
-from .batching import check_pairs, encode_pairs
+from .batching import EditInputError, check_pairs, encode_pairs
 from .capture import ModuleRecorder, capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, ModelConfig, SolveKeys, editor_config
@@ -40,6 +40,7 @@ MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
 EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
+KEEP_LABELS = ("keep prompt", "keep target")  # how input errors name a fact to keep
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
 
 
@@ -220,13 +221,19 @@ class Editor:
         weight = float(self.networks.config.keep_weight)
         if not keep or weight == 0:
             return None
-        batch = encode_pairs(self.tokenizer, [p for p, _ in keep], [a for _, a in keep], max_length=self.max_length,
-                             what=("kept prompt", "kept answer")).to(self.device)
-        with ModuleRecorder(self.model, self.targets) as recorder:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
-        real = batch.attention_mask.bool()  # (B, T)
-        return {t.name: recorder.inputs[t.name][real].float() * weight ** 0.5 for t in self.targets}
+        chunk = int(self.networks.config.edit_chunk)
+        rows = {t.name: [] for t in self.targets}
+        for start in range(0, len(keep), chunk):
+            part = keep[start : start + chunk]
+            batch = encode_pairs(self.tokenizer, [p for p, _ in part], [a for _, a in part], max_length=self.max_length,
+                                 what=KEEP_LABELS).to(self.device)
+            with ModuleRecorder(self.model, self.targets) as recorder:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+            read = batch.positions_with_gradient  # (B, T) every real position up to the last answer prediction
+            for target in self.targets:
+                rows[target.name].append(recorder.inputs[target.name][read].float() * weight ** 0.5)
+        return {name: torch.cat(parts) for name, parts in rows.items()}
 
     def _require_memory(self, what: str) -> None:
         if self.memory is None:
@@ -245,14 +252,24 @@ class Editor:
         return {name: update_from(*f) for name, f in factors.items()}, factors, loss
 
     def _check_keep(self, keep) -> list[tuple[str, str]]:
+        """The facts to keep as checked (prompt, answer) pairs, tokenised once here so that a bad one is
+        refused before any work; [] for None or an empty collection."""
         if keep is None:
             return []
+        if isinstance(keep, tuple) and len(keep) == 2 and all(isinstance(x, str) for x in keep):
+            raise EditInputError(f"keep must be a list of (prompt, answer) pairs; wrap one fact in a list: "
+                                 f"keep=[{keep!r}]")
+        if not isinstance(keep, (str, bytes, dict)) and hasattr(keep, "__iter__"):
+            keep = list(keep)
+            if not keep:
+                return []
         if self.aggregation != Aggregation.ridge:
             raise ValueError(f"keep needs aggregation='ridge' (a sum of rank-1 updates has no solve to keep "
                              f"facts in), this editor's is {self.aggregation.value!r}")
-        if isinstance(keep, (list, tuple)) and not keep:
-            return []
-        return check_pairs(keep, what="keep")
+        keep = check_pairs(keep, what="keep")
+        encode_pairs(self.tokenizer, [p for p, _ in keep], [a for _, a in keep], max_length=self.max_length,
+                     what=KEEP_LABELS)
+        return keep
 
     def _prepare(self, pairs: list[tuple[str, str]], kept_facts: list[tuple[str, str]] = ()
                  ) -> tuple[dict, float, MemoryEntry | None]:
