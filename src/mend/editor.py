@@ -24,11 +24,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .aggregate import MomentBasis, aggregate_facts
 from .batching import EditInputError, check_pairs, encode_pairs
-from .capture import ModuleRecorder, capture_rank1
+from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
-from .memory import EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments
+from .memory import (EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments, pair_batches,
+                     recorded_inputs)
 from .models import load_base_model, model_identity
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
@@ -214,25 +215,20 @@ class Editor:
             self._basis_cache[name] = held
         return held[2]
 
-    @torch.no_grad()
     def _kept_keys(self, keep: list[tuple[str, str]]) -> dict[str, torch.Tensor] | None:
         """name -> (n, d_in): the raw input of every matrix at every position of the ``keep`` facts
         (prompt and answer), on the model as it is now, times ``sqrt(keep_weight)``; None for no facts."""
         weight = float(self.networks.config.keep_weight)
         if not keep or weight == 0:
             return None
-        chunk = int(self.networks.config.edit_chunk)
+        # every real position up to the last answer prediction, edit_chunk facts per forward
+        batches = pair_batches(self.tokenizer, keep, lambda batch: batch.positions_with_gradient,
+                               batch_size=int(self.networks.config.edit_chunk), max_length=self.max_length,
+                               what=KEEP_LABELS)
         rows = {t.name: [] for t in self.targets}
-        for start in range(0, len(keep), chunk):
-            part = keep[start : start + chunk]
-            batch = encode_pairs(self.tokenizer, [p for p, _ in part], [a for _, a in part], max_length=self.max_length,
-                                 what=KEEP_LABELS).to(self.device)
-            with ModuleRecorder(self.model, self.targets) as recorder:
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
-            read = batch.positions_with_gradient  # (B, T) every real position up to the last answer prediction
-            for target in self.targets:
-                rows[target.name].append(recorder.inputs[target.name][read].float() * weight ** 0.5)
+        for inputs in recorded_inputs(self.model, self.targets, batches):
+            for name, u in inputs.items():
+                rows[name].append(u.float() * weight ** 0.5)
         return {name: torch.cat(parts) for name, parts in rows.items()}
 
     def _require_memory(self, what: str) -> None:

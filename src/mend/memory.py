@@ -168,24 +168,44 @@ def check_moments(moments: dict[str, torch.Tensor], targets: list[EditTarget]) -
 
 
 @torch.no_grad()
-def _outer_product_sums(model, targets: list[EditTarget], batches) -> tuple[dict[str, torch.Tensor], int]:
-    """Sum of u u^T (float64) of every target's raw input over the selected positions of ``batches``,
-    and how many positions that was. ``batches`` yields (input_ids, attention_mask, position_ids,
-    selected (B, T) bool); one forward each, the logits of the last position only, no backward."""
+def recorded_inputs(model, targets: list[EditTarget], batches):
+    """For each of ``batches`` (input_ids, attention_mask, position_ids, selected (B, T) bool): name ->
+    (selected positions, d_in), every target's raw input there. One forward each, the logits of the
+    last position only, no backward."""
     from .capture import ModuleRecorder
 
     device = next(model.parameters()).device
-    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
-    count = 0
     for ids, mask, positions, selected in batches:
         with ModuleRecorder(model, targets) as recorder:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                   use_cache=False, logits_to_keep=1)
         selected = selected.to(device)
-        for target in targets:
-            u = recorder.inputs[target.name][selected].double()  # (selected positions, d_in)
-            sums[target.name] += u.t() @ u
-        count += int(selected.sum())
+        yield {t.name: recorder.inputs[t.name][selected] for t in targets}
+
+
+def pair_batches(tokenizer, pairs: list[tuple[str, str]], positions, *, batch_size: int, max_length: int,
+                 what: tuple[str, str]):
+    """``pairs`` encoded ``batch_size`` at a time as `recorded_inputs` takes them, ``positions(batch)``
+    -> (B, T) bool choosing the positions to read (`mend.batching.TokenBatch` masks)."""
+    from .batching import encode_pairs
+
+    for start in range(0, len(pairs), batch_size):
+        prompts, answers = zip(*pairs[start : start + batch_size])
+        batch = encode_pairs(tokenizer, list(prompts), list(answers), max_length=max_length, what=what)
+        yield batch.input_ids, batch.attention_mask, batch.position_ids, positions(batch)
+
+
+def _outer_product_sums(model, targets: list[EditTarget], batches) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum of u u^T (float64) of every target's raw input over the selected positions of ``batches``
+    (as `recorded_inputs` takes them), and how many positions that was."""
+    device = next(model.parameters()).device
+    sums = {t.name: torch.zeros(t.d_in, t.d_in, dtype=torch.float64, device=device) for t in targets}
+    count = 0
+    for inputs in recorded_inputs(model, targets, batches):
+        for name, u in inputs.items():
+            u = u.double()  # (selected positions, d_in)
+            sums[name] += u.t() @ u
+        count += len(next(iter(inputs.values()), ()))
     return sums, count
 
 
@@ -225,19 +245,11 @@ def answer_key_moments(model, targets: list[EditTarget], tokenizer, pairs: list[
     These are the keys a fact edit writes to and a neighbouring fact reads from ("X's mother tongue
     is" -> the answer): a preserved moment over whole texts gives them the weight of one token in
     ten, this one gives them all of it (`Editor.preserve` with ``answers``). One forward per batch."""
-    from .batching import encode_pairs
-
     if isinstance(pairs, (str, tuple)) or not pairs:
         raise ValueError("pairs must be a non-empty list of (prompt, answer) pairs")
-
-    def batches():
-        for start in range(0, len(pairs), batch_size):
-            prompts, answers = zip(*pairs[start : start + batch_size])
-            batch = encode_pairs(tokenizer, list(prompts), list(answers), max_length=max_length,
-                                 what=("preserved prompt", "preserved answer"))
-            yield batch.input_ids, batch.attention_mask, batch.position_ids, batch.prediction_mask
-
-    sums, count = _outer_product_sums(model, targets, batches())  # every answer has a token: count > 0
+    batches = pair_batches(tokenizer, list(pairs), lambda batch: batch.prediction_mask, batch_size=batch_size,
+                           max_length=max_length, what=("preserved prompt", "preserved answer"))
+    sums, count = _outer_product_sums(model, targets, batches)  # every answer has a token: count > 0
     return {name: (s / count).float() for name, s in sums.items()}
 
 
