@@ -39,7 +39,7 @@ prediction positions what MEND's does there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -155,6 +155,7 @@ class MomentBasis:
 
     basis: torch.Tensor
     eigenvalues: torch.Tensor
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, moment: torch.Tensor) -> "MomentBasis":
@@ -163,9 +164,12 @@ class MomentBasis:
         return cls(basis.float(), eigenvalues.clamp(min=0))
 
     def dense(self) -> torch.Tensor:
-        """The moment itself, ``Q diag(e) Q^T`` (d, d) float64."""
-        basis = self.basis.double()
-        return (basis * self.eigenvalues) @ basis.t()
+        """The moment itself, ``Q diag(e) Q^T`` (d, d) float64, computed once (a d^3 product) and kept:
+        an editor holds its basis across edits. Treat it as read-only."""
+        if self._dense is None:
+            basis = self.basis.double()
+            self._dense = (basis * self.eigenvalues) @ basis.t()
+        return self._dense
 
     def to(self, device) -> "MomentBasis":
         return MomentBasis(self.basis.to(device), self.eigenvalues.to(device))
