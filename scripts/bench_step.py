@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_train import time_steps  # scripts/ is on the path when this file runs as a script
+from bench_train import load_for_bench, time_steps  # scripts/ is on the path when this file runs as a script
 
 from mend.config import load_config
-from mend.models import load_base_model, resolve_device
-from mend.targets import resolve_targets
 from mend.trainer import _load_data, open_preserved, open_prefix_cache
 
 
@@ -31,12 +29,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size, after one warm-up step")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data=counterfact train=counterfact-batch")
     args = parser.parse_args()
-    base = load_config(["model.device=cpu", *args.overrides])
-    device = resolve_device(base.model.device)
-    model, tokenizer = load_base_model(base.model.name, dtype=base.model.dtype, device=device)
-    model.requires_grad_(False).eval()
+    base, device, model, tokenizer, targets = load_for_bench(args.overrides)
     train_records, val_records = _load_data(base)
-    targets = resolve_targets(model, base.model.edit_params, base.model.edit_last_n_blocks)
     cache = open_prefix_cache(model, tokenizer, targets, train_records, val_records, base, is_main=True,
                               wait=lambda: None, data_files=(base.data.train_path, base.data.val_path), say=print)
     _, moments = open_preserved(model, tokenizer, targets, train_records, base, device, say=print)

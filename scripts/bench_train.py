@@ -56,6 +56,16 @@ def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warm
     return statistics.median(times) / (batch_size * cfg.train.n_edits)
 
 
+def load_for_bench(overrides) -> tuple:
+    """(cfg, device, model, tokenizer, targets): the config with ``overrides`` (on the CPU unless they
+    say otherwise), its base model frozen in eval mode, and the matrices it edits."""
+    cfg = load_config(["model.device=cpu", *overrides])
+    device = resolve_device(cfg.model.device)
+    model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
+    model.requires_grad_(False).eval()
+    return cfg, device, model, tokenizer, resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/facts/train.json")
@@ -64,12 +74,8 @@ def main():
     parser.add_argument("--run-steps", type=int, default=2500, help="run length for the amortised speedup")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. editor=cpu model.device=cuda")
     args = parser.parse_args()
-    cfg = load_config(["model.device=cpu", *args.overrides])
-    device = resolve_device(cfg.model.device)
-    model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype, device=device)
-    model.requires_grad_(False).eval()
+    cfg, device, model, tokenizer, targets = load_for_bench(args.overrides)
     records = load_records(args.data)
-    targets = resolve_targets(model, cfg.model.edit_params, cfg.model.edit_last_n_blocks)
     start = lowest_edited_block(targets)
     print(f"{cfg.model.name} on {device} ({torch.get_num_threads()} threads), editor rank {cfg.editor.rank}, "
           f"n_edits {cfg.train.n_edits}, edited blocks from {start}, bf16 {cfg.train.bf16 and device.type == 'cuda'}, "
