@@ -121,6 +121,7 @@ def test_override_values_are_typed(tmp_path):
         ("train.n_edits=0", "train.n_edits"),
         ("train.loc_same_answer=1", r"train.loc_same_answer must be between 0 and train.loc_probes - 1 \(0\), got 1"),
         ("train.loc_same_answer=-1", "train.loc_same_answer must be between 0"),
+        ("train.loc_prompt_weight=-1", r"train.loc_prompt_weight must be >= 0, got -1"),
         ("train.preserve_answer_weight=-1", "train.preserve_answer_weight must be >= 0"),
         ("train.preserve_answer_weight=1", "train.preserve_answer_weight needs train.preserve_records > 0"),
         ("train.edit_answer_weight=-0.5", "train.edit_answer_weight must be >= 0"),

@@ -176,3 +176,27 @@ def test_meta_batch_moves_to_a_device_whole():
     moved = batch.to("cpu")
     assert torch.equal(moved.post.input_ids, batch.post.input_ids) and torch.equal(moved.groups, batch.groups)
     assert (moved.n_edit, moved.n_equiv, moved.n_loc, moved.n_groups) == (2, 2, 2, 2)
+
+
+def test_whole_locality_rows_predict_every_probe_token_and_mark_the_answer():
+    tokenizer = CharTokenizer()
+    records = make_records(3)
+    equivalents = [r.rephrases[0] for r in records]
+    localities = [r.locality[0] for r in records]
+    answer_only = build_meta_batch(tokenizer, records, equivalents, localities, max_length=64)
+    whole = build_meta_batch(tokenizer, records, equivalents, localities, max_length=64, whole_locality=True)
+
+    assert torch.equal(whole.post.input_ids, answer_only.post.input_ids)  # the same rows, other targets
+    kinds = token_kinds(whole.post, [whole.n_edit, whole.n_equiv, whole.n_loc])
+    loc_targets = whole.post.target_ids[kinds == 2]
+    # every token after the first one of each probe ("Unrelated 0 a0" less its "U")
+    assert tokenizer.decode(loc_targets.tolist()) == "".join(f"{p.prompt} {p.answer}"[1:] for p in localities)
+    assert whole.loc_is_answer.shape == loc_targets.shape
+    assert tokenizer.decode(loc_targets[whole.loc_is_answer].tolist()) == " a0 a1 a2"
+    # edit and equivalence rows keep their targets; the pre-edit pass sees the same locality targets
+    old_kinds = token_kinds(answer_only.post, [3, 3, 3])
+    assert torch.equal(whole.post.target_ids[kinds < 2], answer_only.post.target_ids[old_kinds < 2])
+    pre_kinds = token_kinds(whole.pre, [whole.n_edit, whole.n_loc])
+    assert torch.equal(whole.pre.target_ids[pre_kinds == 1], loc_targets)
+    assert answer_only.loc_is_answer is None
+    assert torch.equal(whole.to("cpu").loc_is_answer, whole.loc_is_answer)

@@ -324,6 +324,44 @@ def test_several_locality_probes_and_an_update_penalty_train(tmp_path):
     assert result.progress.skipped_steps == 0
 
 
+def _objective_pair(weight: float):
+    """The objective of one batch of tiny edits, on answer-only and whole-sequence locality rows."""
+    from mend.meta_batch import build_meta_batch
+    from mend.objective import meta_objective
+
+    model, tokenizer = tiny_model("llama")
+    torch.manual_seed(0)
+    networks = MendNetworks(resolve_targets(model, None, 2), {"rank": 8, "init_lr": 1.0})
+    records = tiny_records(4)
+    args = (tokenizer, records, [r.equivalents[0] for r in records], [r.locality[0] for r in records])
+    outputs = []
+    for whole in (False, True):
+        batch = build_meta_batch(*args, max_length=64, whole_locality=whole)
+        with torch.no_grad():
+            outputs.append(meta_objective(model, networks, batch, c_edit=1.0, c_loc=1.0, loc_prompt_weight=weight))
+    return outputs
+
+
+def test_the_locality_kl_over_every_probe_position_adds_the_prompt_with_its_weight():
+    answers, whole_at_0 = _objective_pair(0.0)
+    _, whole_at_1 = _objective_pair(1.0)
+    _, whole_at_3 = _objective_pair(3.0)
+    # weight 0: exactly the answer-only objective, and the locality metric is the answers' in every case
+    torch.testing.assert_close(whole_at_0.loss, answers.loss)
+    for out in (whole_at_0, whole_at_1, whole_at_3):
+        assert torch.equal(out.metrics["loc_agree"], answers.metrics["loc_agree"])
+    prompt_kl = whole_at_1.metrics["loc_loss"] - answers.metrics["loc_loss"]
+    assert prompt_kl > 0  # the edit moves the probes' prompt positions too
+    torch.testing.assert_close(whole_at_3.metrics["loc_loss"] - answers.metrics["loc_loss"], 3 * prompt_kl)
+
+
+def test_a_run_with_the_locality_kl_over_every_probe_position_trains(tmp_path):
+    result = run(tmp_path, "train.max_steps=4", "train.val_every=4", "train.log_every=2", "train.loc_prompt_weight=1")
+    log = read_jsonl(tmp_path / "log.jsonl")
+    assert all(math.isfinite(line["loss"]) and line["loc_loss"] > 0 for line in log if line["split"] == "train")
+    assert steps(log, "val") == [4] and result.progress.skipped_steps == 0
+
+
 def test_the_update_penalty_is_the_relative_frobenius_norm_of_each_edit():
     from mend.objective import update_sizes
 

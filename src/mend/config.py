@@ -125,6 +125,9 @@ class TrainConfig:
     # Of those other probes, how many expect the same answer as the record's neighbour (hard negatives:
     # in CounterFact, neighbours of the same relation with the edited fact's old answer); the rest are any.
     loc_same_answer: int = 0
+    # Weight of the locality KL at every prompt position of the probes, next to their answer tokens (the
+    # original MEND code takes every position); 0 = the answer tokens only, and no extra logits are computed.
+    loc_prompt_weight: float = 0.0
     c_norm: float = 0.0  # weight of the update-size penalty: sum over matrices of ||dW||_F^2 / ||W||_F^2
     # Preserved knowledge in every meta-training solve (`mend.preserved`): the key second moment of the
     # locality probes of this many training records, weighted by editor.preserve_weight and saved with
@@ -286,7 +289,7 @@ def validate(cfg) -> None:
     if not 0 <= cfg.train.loc_same_answer <= cfg.train.loc_probes - 1:
         raise ConfigError(f"train.loc_same_answer must be between 0 and train.loc_probes - 1 "
                           f"({cfg.train.loc_probes - 1}), got {cfg.train.loc_same_answer}")
-    for key in ("c_norm", "c_edit", "c_loc"):
+    for key in ("c_norm", "c_edit", "c_loc", "loc_prompt_weight"):
         if not cfg.train[key] >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
     for key in ("preserve_answer_weight", "edit_answer_weight"):

@@ -49,6 +49,9 @@ class MetaBatch:
             ``[groups, groups, locality_groups]``.
         n_groups: number of independent edits.
         prefix: the rows' cached hidden states, when meta-training starts at the lowest edited block.
+        loc_is_answer: (N_loc,) over the locality rows' target tokens, True at the probe's answer tokens,
+            when those rows predict every token of the probe (``build_meta_batch(whole_locality=True)``);
+            None when they predict the answer only.
     """
 
     pre: TokenBatch
@@ -59,11 +62,13 @@ class MetaBatch:
     groups: torch.Tensor
     n_groups: int
     prefix: PrefixStates | None = None
+    loc_is_answer: torch.Tensor | None = None
 
     def to(self, device) -> "MetaBatch":
         return MetaBatch(self.pre.to(device), self.post.to(device), self.n_edit, self.n_equiv, self.n_loc,
                          self.groups.to(device), self.n_groups,
-                         self.prefix.to(device) if self.prefix is not None else None)
+                         self.prefix.to(device) if self.prefix is not None else None,
+                         self.loc_is_answer.to(device) if self.loc_is_answer is not None else None)
 
     @property
     def locality_groups(self) -> torch.Tensor:
@@ -143,10 +148,12 @@ def _answer_key(answer: str) -> str:
 
 
 def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str], localities, *, max_length: int,
-                     n_edits: int = 1, prefix_cache=None) -> MetaBatch:
+                     n_edits: int = 1, prefix_cache=None, whole_locality: bool = False) -> MetaBatch:
     """Encode one step's records into pre-edit and post-edit batches; consecutive runs of ``n_edits``
     records form one edit. ``localities`` holds k probes per record, record by record (k >= 1). With a
-    `mend.prefix_cache.PrefixCache`, the rows' cached hidden states come along (`MetaBatch.prefix`)."""
+    `mend.prefix_cache.PrefixCache`, the rows' cached hidden states come along (`MetaBatch.prefix`).
+    With ``whole_locality`` the locality rows predict every token of the probe after its first, not only
+    its answer (`MetaBatch.loc_is_answer` tells the two apart)."""
     if not localities or len(localities) % len(records):
         raise ValueError(f"{len(localities)} locality probes for {len(records)} records: need the same number per record")
     targets = [r.target for r in records]
@@ -156,6 +163,9 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
         tokenizer, [p.prompt for p in localities], [p.answer for p in localities], max_length=max_length,
         padding_side="right", what=("locality prompt", "locality answer"),
     )
+    loc_is_answer = None
+    if whole_locality:
+        loc, loc_is_answer = predict_every_token(loc)
     pad_id = tokenizer.pad_token_id or 0
     pre = concat_batches([edit, loc], pad_id)
     post = concat_batches([edit, equiv, loc], pad_id)
@@ -164,7 +174,18 @@ def build_meta_batch(tokenizer, records: list[EditRecord], equivalents: list[str
     if prefix_cache is not None:
         prefix = PrefixStates(prefix_cache.start, prefix_cache.block_output, prefix_cache.gather(pre),
                               prefix_cache.gather(post))
-    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix)
+    return MetaBatch(pre, post, len(edit), len(equiv), len(loc), groups, int(groups[-1]) + 1, prefix, loc_is_answer)
+
+
+def predict_every_token(batch: TokenBatch) -> tuple[TokenBatch, torch.Tensor]:
+    """The same right-padded rows with every real token after the first as a target, and (N,) True
+    where a target token was one of the original targets (in `TokenBatch.target_ids` order)."""
+    if bool(batch.attention_mask[:, 0].eq(0).any()):
+        raise ValueError("predict_every_token needs right-padded rows (a real first token in every row)")
+    every = batch.attention_mask.bool().clone()
+    every[:, 0] = False
+    was_target = batch.target_mask[:, 1:][every[:, 1:]]  # (N,) in row-major order, as target_ids
+    return TokenBatch(batch.input_ids, batch.attention_mask, batch.position_ids, every), was_target
 
 
 def token_kinds(batch: TokenBatch, counts: list[int]) -> torch.Tensor:

@@ -6,7 +6,9 @@
     3. the edited model runs on edit, equivalence and locality rows, each row under its own edit
        (`mend.grouped_edit`: a batch of independent edits in one forward pass),
     4. L_edit = NLL of the target on edit and equivalence rows,
-       L_loc  = KL(pre-edit || post-edit) next-token distributions on the locality answers,
+       L_loc  = KL(pre-edit || post-edit) next-token distributions on the locality answers, plus
+                ``loc_prompt_weight`` times the same KL over the probe's other positions (its prompt)
+                when the batch predicts every token of the probes (the original code's every position),
        L_norm = mean over edits of sum over matrices of ||dW||_F^2 / ||W||_F^2 (the update's size),
        L = c_edit * L_edit + c_loc * L_loc + c_norm * L_norm.
 
@@ -60,8 +62,12 @@ def update_sizes(model, edits: dict) -> torch.Tensor:
 
 
 def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float,
-                   c_norm: float = 0.0, bf16: bool = False, moments: dict | None = None) -> StepOutput:
+                   c_norm: float = 0.0, bf16: bool = False, moments: dict | None = None,
+                   loc_prompt_weight: float = 0.0) -> StepOutput:
     """Loss and metrics of one batch of independent edits; backward through it trains the editor.
+
+    ``loc_prompt_weight``: weight of the locality KL at the probes' prompt positions, relative to their
+    answer tokens; used when ``batch.loc_is_answer`` is set (the batch predicts every probe token).
 
     ``moments``: name -> `mend.aggregate.MomentBasis` of the (weighted) preserved key moment of each
     matrix, kept in every edit's ridge solve."""
@@ -81,7 +87,14 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
     is_edit = (kinds == EDIT) | (kinds == EQUIV)
     edit_loss = mean_nll(post_logits[is_edit], target_ids[is_edit])
     loc_logits = post_logits[kinds == LOC]
-    loc_loss = kl_to_reference(loc_logits, pre_loc_logits)
+    if batch.loc_is_answer is None:
+        loc_loss = kl_to_reference(loc_logits, pre_loc_logits)
+    else:  # every probe token is predicted: the answer's KL, plus the prompt's with its own weight
+        answer = batch.loc_is_answer
+        loc_loss = kl_to_reference(loc_logits[answer], pre_loc_logits[answer])
+        if loc_prompt_weight > 0 and bool((~answer).any()):
+            loc_loss = loc_loss + loc_prompt_weight * kl_to_reference(loc_logits[~answer], pre_loc_logits[~answer])
+        loc_logits, pre_loc_logits = loc_logits[answer], pre_loc_logits[answer]  # the metric: answers only
     with torch.set_grad_enabled(torch.is_grad_enabled() and c_norm > 0):  # else only a metric
         norm_loss = update_sizes(model, edits).mean()
     loss = c_edit * edit_loss + c_loc * loc_loss + (c_norm * norm_loss if c_norm > 0 else 0.0)

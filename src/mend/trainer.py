@@ -122,10 +122,12 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     chosen = sampler.records_for_step(step)
     equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes, cfg.train.loc_same_answer)
     batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
-                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
+                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
+                             whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
     out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                         c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments)
+                         c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
+                         loc_prompt_weight=cfg.train.loc_prompt_weight)
     out.loss.backward()
     if world > 1:
         all_reduce_gradients(networks, world)
@@ -160,9 +162,11 @@ def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None
         equivalents = [r.equivalents[0] for r in chunk]
         localities = [r.locality[0] for r in chunk]
         batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
-                                 n_edits=cfg.train.n_edits, prefix_cache=prefix_cache).to(device)
+                                 n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
+                                 whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
         out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                             c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments)
+                             c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
+                             loc_prompt_weight=cfg.train.loc_prompt_weight)
         for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
             sums[key] += float(out.metrics[key]) * len(chunk)
         weights += len(chunk)
