@@ -112,6 +112,18 @@ def set_learning_rates(optimizer, cfg, step: int) -> None:
         group["lr"] = base * factor
 
 
+def score_edits(model, networks, tokenizer, records, equivalents, localities, cfg, device, prefix_cache, moments):
+    """The meta-objective (`mend.objective.meta_objective`) of ``records`` edited with these paraphrases
+    and locality probes, batched and weighted as ``cfg.train`` says: what a training step and a
+    validation chunk both score."""
+    batch = build_meta_batch(tokenizer, records, equivalents, localities, max_length=cfg.model.max_length,
+                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
+                             whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
+    return meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
+                          c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
+                          loc_prompt_weight=cfg.train.loc_prompt_weight)
+
+
 def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1,
                   prefix_cache=None, moments=None):
     """One meta-training step; returns its `StepOutput` and whether the update was applied.
@@ -121,13 +133,8 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     # 1. data: this step's records, one paraphrase and train.loc_probes locality probes each (and their cached states)
     chosen = sampler.records_for_step(step)
     equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes, cfg.train.loc_same_answer)
-    batch = build_meta_batch(tokenizer, chosen, equivalents, localities, max_length=cfg.model.max_length,
-                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
-                             whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
-    out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                         c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
-                         loc_prompt_weight=cfg.train.loc_prompt_weight)
+    out = score_edits(model, networks, tokenizer, chosen, equivalents, localities, cfg, device, prefix_cache, moments)
     out.loss.backward()
     if world > 1:
         all_reduce_gradients(networks, world)
@@ -161,12 +168,7 @@ def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None
     for chunk in chunks:
         equivalents = [r.equivalents[0] for r in chunk]
         localities = [r.locality[0] for r in chunk]
-        batch = build_meta_batch(tokenizer, chunk, equivalents, localities, max_length=cfg.model.max_length,
-                                 n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
-                                 whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
-        out = meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
-                             c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
-                             loc_prompt_weight=cfg.train.loc_prompt_weight)
+        out = score_edits(model, networks, tokenizer, chunk, equivalents, localities, cfg, device, prefix_cache, moments)
         for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
             sums[key] += float(out.metrics[key]) * len(chunk)
         weights += len(chunk)
