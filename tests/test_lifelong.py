@@ -75,11 +75,12 @@ def test_an_edit_is_remembered_as_key_moments_and_statistics_never_as_text():
         users = sum(1 for t in editor.targets if editor.networks.network_of[t.name] == key)
         assert int(memory.norms[key][0].count) == users * n  # every matrix's rows, merged
     assert same_tensors(editor.networks.state_dict(), trained)  # the trained statistics stay as they were
-    assert {flat.split(".")[0] for flat in memory.tensors()} == {"n_edits", "edits", "norms"}  # moments, no text
+    # moments of keys and value shifts, the first edit's ridge, statistics: no text
+    assert {flat.split(".")[0] for flat in memory.tensors()} == {"n_edits", "edits", "gram", "cross", "ridge", "norms"}
 
 
 def test_later_edits_use_the_memory_and_keep_off_earlier_edits_inputs():
-    editor = lifelong("llama", memory_weight=100.0)
+    editor = lifelong("llama", memory_weight=100.0, memory_solve="hold")
     stateless = editor.variant(lifelong=False)
     first_inputs = editor.edit(*FACTS[0])._memory.keys  # the layer inputs the first edit was computed at
     remembering, _, _ = editor.compute_updates([(FACTS[0][0] + " and", "more")])  # shares the first's prompt
@@ -98,6 +99,46 @@ def test_lifelong_normalisation_uses_the_statistics_of_edits_so_far():
         u_norm, delta_norm = norms[key]
         assert int(u_norm.count) == int(network.u_norm.count) + int(editor.memory.norms[key][0].count)
         assert int(delta_norm.count) == int(network.delta_norm.count) + int(editor.memory.norms[key][1].count)
+
+
+def test_a_refit_memory_holds_the_joint_ridge_fit_of_every_edit_so_far():
+    """After t remembered edits the model carries W0 - lr F^T, F = (S + C + lambda I)^-1 R: the one
+    ridge fit of every edit's keys to its value shifts (recursive least squares), not a stack of them."""
+    editor = lifelong("llama", normalize=False)
+    base = {t.name: editor._params[t.name].detach().clone() for t in editor.targets}
+    for fact in FACTS[:3]:
+        editor.edit(*fact)
+    lrs = editor.networks.step_sizes()
+    for target in editor.targets:
+        name = target.name
+        gram, cross, lam = editor.memory.fit(name)
+        lhs = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+        fit = torch.linalg.solve(lhs, cross)  # (d_in, d_out)
+        want = base[name].double() - float(lrs[name].detach()) * fit.t()
+        torch.testing.assert_close(editor._params[name].double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_refit_captures_every_edit_on_the_weights_of_the_first():
+    editor = lifelong("llama", normalize=False)
+    fresh = lifelong("llama", normalize=False)
+    want = fresh.edit(*FACTS[1])._memory.fitted  # the fact's keys and value shifts on the unedited model
+    editor.edit(*FACTS[0])
+    got = editor.edit(*FACTS[1])._memory.fitted  # the same fact after another edit changed the model
+    for name, (keys, values) in got.items():
+        torch.testing.assert_close(keys, want[name][0])
+        torch.testing.assert_close(values, want[name][1])
+    params_after = {t.name: editor._params[t.name].detach().clone() for t in editor.targets}
+    editor.compute_updates([FACTS[2]])  # the capture swaps the first edit's weights in and back
+    assert all(torch.equal(editor._params[n], w) for n, w in params_after.items())
+
+
+def test_a_stack_of_identical_refit_edits_fits_the_fact_once():
+    """The same fact edited again asks for nothing new: its residual is what the fit so far leaves."""
+    editor = lifelong("llama", normalize=False)
+    first = editor.edit(*FACTS[0])
+    second = editor.edit(*FACTS[0])
+    for name in first.update_norms:
+        assert second.update_norms[name] < 0.5 * first.update_norms[name], name
 
 
 # ---------------------------------------------------------------- revert
@@ -147,7 +188,9 @@ def test_reset_memory_forgets_but_leaves_the_weights():
 
 # ---------------------------------------------------------------- save and load
 def test_lifelong_state_survives_save_and_load(tmp_path):
-    editor = lifelong("llama")
+    # hold: the next update depends on the weights and the memory only (a loaded refit memory captures
+    # on the weights it is given, since the weights of its first edit are not saved)
+    editor = lifelong("llama", memory_solve="hold")
     for fact in FACTS[:3]:
         editor.edit(*fact)
     editor.save(tmp_path / "editor")

@@ -248,3 +248,49 @@ def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: i
         out[name] = aggregate_grouped(keys, deltas, facts, lr, aggregation=aggregation, rho=ridges[name],
                                       moment=None if moments is None else moments.get(name), solve=solve)
     return out
+
+
+def refit_increment(keys: torch.Tensor, values: torch.Tensor, lr: torch.Tensor, *, lam: torch.Tensor,
+                    gram: torch.Tensor, cross: torch.Tensor, moment: torch.Tensor | None = None,
+                    memory_weight: float = 1.0, guard: torch.Tensor | None = None):
+    """A lifelong edit as recursive least squares: the change of the joint ridge fit when one more
+    edit's keys and value shifts join those remembered (`mend.memory`, ``memory_solve = refit``).
+
+    After edits 1..t the cumulative update of a matrix is the one ridge fit of every remembered key to
+    its value shift, ``F_t = A_t^-1 R_t`` (d_in, d_out), ``dW = -lr F^T``, with
+
+        A_t = w S_t + C + lambda I,   S_t = sum_s U_s^T U_s,   R_t = sum_s U_s^T V_s    (w = memory_weight)
+
+    the same solve one `edit_many` of every fact so far makes. Its change when edit t joins is exactly
+    rank n_t (the recursive least-squares identity):
+
+        F_t - F_{t-1} = K^T D',   K = U_t A_t^-1,   D' = V_t - U_t F_{t-1}
+
+    so an edit asks only for what the model does not already do at its keys (D' is the residual of
+    the fit so far), and a value shift that every edit repeats is fitted once instead of stacking.
+
+    Args:
+        keys: (n, d_in) the new edit's fitted keys U_t; values: (n, d_out) their value shifts V_t.
+        lam: the run's ridge lambda (fixed by its first edit, so that the fit is one problem).
+        gram, cross: S_{t-1} (d_in, d_in) and R_{t-1} (d_in, d_out), float64, of the edits remembered.
+        moment: C (d_in, d_in), the preserved knowledge kept in every solve, or None.
+        guard: (g, d_in) raw keys whose outputs the update should keep (`Editor.edit(..., keep=...)`): they
+            join the fit with the value shift the fit so far gives them, so their residual is zero.
+
+    Returns ((K (m, d_in), D' (m, d_out), lr) for `update_from`, like `aggregate_facts`, and (U, V), the
+    m = n + g keys and value shifts fitted, for the memory to absorb).
+    """
+    k64, v64 = keys.double(), values.double()
+    d_in = k64.shape[1]
+    before = memory_weight * gram.double()  # (d_in, d_in) = w S_{t-1} + C + lambda I
+    if moment is not None:
+        before = before + moment.double()
+    before = before + lam.double() * torch.eye(d_in, dtype=torch.float64, device=k64.device)
+    fit = solve_spd(before, memory_weight * cross.double())  # (d_in, d_out) F_{t-1}
+    if guard is not None and len(guard):
+        g64 = guard.to(k64.device, torch.float64)
+        k64, v64 = torch.cat([k64, g64]), torch.cat([v64, g64 @ fit])
+    residual = v64 - k64 @ fit  # (n, d_out) D' = V_t - U_t F_{t-1}
+    after = before + k64.t() @ k64  # (d_in, d_in) A_t
+    k_new = solve_spd(after, k64.t()).t()  # (m, d_in) U_t A_t^-1
+    return (k_new.to(keys.dtype), residual.to(values.dtype), lr), (k64.to(keys.dtype), v64.to(values.dtype))

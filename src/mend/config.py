@@ -54,6 +54,16 @@ class Aggregation(str, Enum):
     sum = "sum"  # the MEND paper: the sum of every fact's rank-1 updates
 
 
+class MemorySolve(str, Enum):
+    """How a lifelong editor's next solve uses the edits it remembers (`mend.memory`)."""
+
+    # recursive least squares: the edits so far and the new one are fitted together, as if all had been
+    # one `edit_many`; the new update is the change of that joint fit (the default)
+    refit = "refit"
+    # the new update is pushed to leave the outputs at earlier edits' raw inputs unchanged (a penalty)
+    hold = "hold"
+
+
 class SolveKeys(str, Enum):
     """Which captured positions a ridge solve fits (`mend.aggregate`) and a lifelong editor remembers."""
 
@@ -91,6 +101,7 @@ class EditorConfig:
     ridge: float = 1.0e-3  # initial ridge regulariser of each matrix, relative to the mean squared key norm
     lifelong: bool = False  # remember edits across edit calls (`mend.memory`): statistics and key moments
     memory_weight: float = 1.0  # weight of earlier edits' keys in a lifelong solve (0: forget them)
+    memory_solve: MemorySolve = MemorySolve.refit  # refit the remembered edits with the new one, or hold their outputs
     preserve_weight: float = 1000.0  # weight of the preserved-knowledge key moment (E[k k^T] of generic text)
     edit_chunk: int = 16  # facts per capture pass at edit time (bounds memory for hundreds of facts)
     # Multiplies every update at edit time (1: the trained step sizes). Below 1 a trained editor's edits

@@ -22,11 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .aggregate import MomentBasis, aggregate_facts
+from .aggregate import MomentBasis, aggregate_facts, own_values, refit_increment, ridge_lambda
 from .batching import EditInputError, check_pairs, encode_pairs
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
-from .config import Aggregation, ModelConfig, SolveKeys, editor_config
+from .config import Aggregation, MemorySolve, ModelConfig, SolveKeys, editor_config
 from .fingerprint import fingerprint, legacy_mismatch, mismatch
 from .memory import (EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments, pair_batches,
                      recorded_inputs)
@@ -39,7 +39,7 @@ WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
-EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "memory_solve", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
 KEEP_LABELS = ("keep prompt", "keep target")  # how input errors name a fact to keep
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
@@ -108,6 +108,8 @@ class Editor:
             raise ValueError(f"a lifelong editor needs aggregation='ridge', got {self.aggregation.value!r}")
         self.memory: EditMemory | None = EditMemory.for_networks(networks, self.device) if lifelong else None
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
+        # the weights the memory's first edit was made to: a refit captures every later edit on them
+        self._fit_base: dict[str, torch.Tensor] | None = None
         self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._basis_cache: dict[str, tuple] = {}  # name -> (moment, weight, its MomentBasis)
         self._params = dict(model.named_parameters())
@@ -170,6 +172,7 @@ class Editor:
         applied edits but no longer changes the memory for them). Preserved knowledge stays."""
         self._require_memory("reset_memory")
         self.memory.reset()
+        self._fit_base = None
         for result in self._applied:
             result._memory = None
         if self._memory_base is not None:
@@ -197,7 +200,7 @@ class Editor:
         Preserved knowledge alone comes as its `MomentBasis` (computed once), for the cheaper solve."""
         config = self.networks.config
         parts = []
-        remembered = self.memory.moment(name) if self.memory is not None else None
+        remembered = self.memory.moment(name) if self._holds_memory else None
         if remembered is not None and config.memory_weight > 0:
             parts.append(config.memory_weight * remembered.double())
         if name in self.preserved and config.preserve_weight > 0:
@@ -205,6 +208,59 @@ class Editor:
                 return self._preserved_basis(name, config.preserve_weight)
             parts.append(config.preserve_weight * self.preserved[name].to(self.device, torch.float64))
         return sum(parts[1:], parts[0]) if parts else None
+
+    @property
+    def _holds_memory(self) -> bool:
+        """A lifelong editor whose solves hold the outputs at earlier edits' inputs (``memory_solve=hold``)."""
+        return self.memory is not None and MemorySolve(self.networks.config.memory_solve) == MemorySolve.hold
+
+    @contextlib.contextmanager
+    def _on_fit_base(self):
+        """Within the block, the edited matrices hold the weights the memory's first edit was made to,
+        when this editor refits (``memory_solve=refit``): every remembered edit is then captured on the
+        same model, and the memory's fit is exactly the one solve of all of them. Restored bit for bit."""
+        base = self._fit_base if self.memory is not None and not self._holds_memory else None
+        if base is None:
+            yield
+            return
+        current = {name: self._params[name].detach().clone() for name in base}
+        try:
+            with torch.no_grad():
+                for name, weight in base.items():
+                    self._params[name].copy_(weight)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, weight in current.items():
+                    self._params[name].copy_(weight)
+
+    def _refit(self, name: str, keys: torch.Tensor, deltas: torch.Tensor, facts: torch.Tensor, lr, rho,
+               solve: torch.Tensor | None, guard: torch.Tensor | None, entry: MemoryEntry):
+        """One matrix's lifelong update by recursive least squares (`mend.aggregate.refit_increment`);
+        what it fitted goes into ``entry``. The first edit of an empty memory is the stateless solve."""
+        config = self.networks.config
+        values = own_values(keys, deltas, facts, rows=solve).to(deltas.dtype)  # (m, d_out)
+        fitted_keys = keys if solve is None else keys[solve]  # (m, d_in)
+        remembered = self.memory.fit(name)
+        if remembered is None:
+            factors = aggregate_facts(keys, deltas, lr, facts, aggregation=self.aggregation, rho=rho,
+                                      moment=self._moment(name), solve=solve, guard=guard)
+            lam = ridge_lambda(fitted_keys, rho)
+            if guard is not None and len(guard):  # the fit so far is zero: kept keys keep a zero shift
+                fitted_keys = torch.cat([fitted_keys, guard.to(fitted_keys.dtype)])
+                values = torch.cat([values, values.new_zeros(len(guard), values.shape[1])])
+            fitted = (fitted_keys, values)
+        else:
+            gram, cross, lam = remembered
+            preserved = None
+            if name in self.preserved and config.preserve_weight > 0:
+                preserved = self._preserved_basis(name, config.preserve_weight).dense()
+            factors, fitted = refit_increment(fitted_keys, values, lr, lam=lam, gram=gram, cross=cross,
+                                              moment=preserved, memory_weight=float(config.memory_weight),
+                                              guard=guard)
+        entry.fitted[name] = tuple(t.detach().float() for t in fitted)
+        entry.ridges[name] = lam.detach().double() if torch.is_tensor(lam) else torch.tensor(float(lam))
+        return factors
 
     def _preserved_basis(self, name: str, weight: float) -> MomentBasis:
         """The eigenbasis of ``weight * preserved[name]``, kept until either changes."""
@@ -281,39 +337,45 @@ class Editor:
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
-        was_training = self.networks.training
-        self.networks.eval()  # the networks' own statistics are frozen at edit time
-        try:
-            for start in range(0, len(pairs), chunk):
-                prompts, targets = zip(*pairs[start : start + chunk])
-                batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length)
-                batch = batch.to(self.device)
-                own_loss = torch.arange(len(batch), device=self.device)  # each fact its own loss: no 1/k
-                capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
-                loss_sum += float(capture.loss) * len(batch)
-                facts.append(capture.rows + start)
-                keep = capture.predicting if fit_predictions else None  # (n,) the positions the solve fits
-                if keep is not None:
-                    solve.append(keep)
-                with torch.no_grad():
-                    for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
-                        keys[name].append(u_t)
-                        deltas[name].append(delta_t)
-                if entry is not None:  # the memory keeps the keys the solve fits
-                    for target in self.targets:
-                        u, delta = capture.factors[target.name]
-                        entry.add(target.name, self.networks.network_of[target.name], u, delta, keep=keep)
-                del capture
-        finally:
-            self.networks.train(was_training)
-        facts, solve = torch.cat(facts), torch.cat(solve) if fit_predictions else None
-        kept = self._kept_keys(list(kept_facts))
+        with self._on_fit_base():  # a refit captures every edit on the same weights
+            was_training = self.networks.training
+            self.networks.eval()  # the networks' own statistics are frozen at edit time
+            try:
+                for start in range(0, len(pairs), chunk):
+                    prompts, targets = zip(*pairs[start : start + chunk])
+                    batch = encode_pairs(self.tokenizer, list(prompts), list(targets), max_length=self.max_length)
+                    batch = batch.to(self.device)
+                    own_loss = torch.arange(len(batch), device=self.device)  # each fact its own loss: no 1/k
+                    capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
+                    loss_sum += float(capture.loss) * len(batch)
+                    facts.append(capture.rows + start)
+                    keep = capture.predicting if fit_predictions else None  # (n,) the positions the solve fits
+                    if keep is not None:
+                        solve.append(keep)
+                    with torch.no_grad():
+                        for name, (u_t, delta_t, _) in self.networks.transform_factors(capture.factors, norms).items():
+                            keys[name].append(u_t)
+                            deltas[name].append(delta_t)
+                    if entry is not None:  # the memory keeps the keys the solve fits
+                        for target in self.targets:
+                            u, delta = capture.factors[target.name]
+                            entry.add(target.name, self.networks.network_of[target.name], u, delta, keep=keep)
+                    del capture
+            finally:
+                self.networks.train(was_training)
+            facts, solve = torch.cat(facts), torch.cat(solve) if fit_predictions else None
+            kept = self._kept_keys(list(kept_facts))
         lrs, ridges = self.networks.step_sizes(), self.networks.ridges()
         lrs = {name: lr * float(config.edit_scale) for name, lr in lrs.items()}  # the update is linear in lr
         factors = {}
         with torch.no_grad():
             for target in self.targets:
                 name = target.name
+                if self.memory is not None and not self._holds_memory:
+                    factors[name] = tuple(t.detach() for t in self._refit(
+                        name, torch.cat(keys[name]), torch.cat(deltas[name]), facts, lrs[name], ridges[name], solve,
+                        None if kept is None else kept[name], entry))
+                    continue
                 factors[name] = tuple(t.detach() for t in aggregate_facts(
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
                     aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
@@ -347,6 +409,9 @@ class Editor:
         if self._originals is None:
             self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
             self._memory_base = self.memory.tensors() if self.memory is not None else None
+        before = None
+        if self.memory is not None and self.memory.n_edits == 0:  # the weights a refit captures on from now
+            before = {t.name: self._params[t.name].detach().clone() for t in self.targets}
         try:
             with torch.no_grad():  # W + dW computed once above, the same arithmetic as `_apply`
                 for name, weight in new_weights.items():
@@ -355,6 +420,8 @@ class Editor:
             self._restore(self._applied)
             raise
         if self.memory is not None:
+            if self.memory.n_edits == 0:
+                self._fit_base = before
             self.memory.absorb(entry)
         result = EditResult(
             edit_id=next(self._ids),
@@ -396,6 +463,8 @@ class Editor:
             for result in keep:
                 if result._memory is not None:
                     self.memory.absorb(result._memory)
+            if self.memory.n_edits == 0:
+                self._fit_base = None
 
     def revert(self, result: EditResult | None = None) -> None:
         """Undo every edit (default), or one edit given by its result; weights return bit for bit

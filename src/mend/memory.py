@@ -1,19 +1,27 @@
 """What a lifelong editor remembers across edits: statistics that keep updating and key moments.
 
-For every edited matrix (d_in x d_in, float32), only a second moment, never prompts:
+For every edited matrix, statistics of the keys and value shifts the edits' ridge solves fitted,
+never prompts (`mend.aggregate`; keys U are transformed layer inputs u~, values V the value shifts):
 
-    edits[l] = sum over every position t of every remembered edit of u_t u_t^T     (raw layer inputs)
+    gram[l]  = sum over every position of every remembered edit of u~ u~^T        (d_in, d_in)
+    cross[l] = sum over the same positions of u~ v^T                               (d_in, d_out)
+    ridge[l] = the lambda of the run's first edit, kept so that every later solve is the same problem
 
-The ridge solve of the next edit (`mend.aggregate`) adds
+With ``editor.memory_solve = refit`` (the default) the next edit's update is the change of the one
+ridge fit of all of them and the new edit (`mend.aggregate.refit_increment`, recursive least squares):
+after t edits the model carries what one `edit_many` of the t facts would have fitted, so an
+edit's update repeats nothing earlier edits already did, and nothing stacks.
 
-    C_l = memory_weight * edits[l] + preserve_weight * preserved[l]
+With ``memory_solve = hold`` the solve instead adds a penalty that keeps the outputs at earlier edits'
+raw inputs where they are, from the raw key moment
 
-to its normal equation, ``preserved[l]`` being the editor's preserved knowledge, E[u u^T] over
-generic text (`key_moments`, `Editor.preserve`; any editor may hold it, lifelong or not). A new
-update is so pushed to leave the outputs at earlier edits' inputs and at generic text alone
+    edits[l] = sum over every position of every remembered edit of u_t u_t^T     (raw layer inputs)
+
+as ``C_l = memory_weight * edits[l] + preserve_weight * preserved[l]`` in its normal equation
 (AlphaEdit / UltraEdit, here as a penalty in one ridge solve rather than a null-space projection).
-Without preserved knowledge the solve may reach its fit through directions generic text uses, so a
-lifelong editor should be given some.
+Every solve of either form also keeps ``preserve_weight * preserved[l]``, the editor's preserved
+knowledge, E[u u^T] over generic text (`key_moments`, `Editor.preserve`; any editor may hold it,
+lifelong or not), so a new update is pushed to leave the outputs at generic text alone.
 
 For every editor network, the rows (u, delta) seen at edit time are merged into running statistics; the network standardises with its trained statistics merged with these
 (lifelong normalisation). Each edit is absorbed after it is applied, so the first edit of an empty
@@ -41,10 +49,14 @@ class MemoryEntry:
         keys: name -> (n, d_in) the raw layer inputs of the edit's captured positions.
         stats: (network key, u row stats, delta row stats) per matrix and capture chunk, in the
             order they are merged; row stats are `mend.networks.row_stats` triples.
+        fitted: name -> (U (n, d_in), V (n, d_out)) the keys and value shifts the edit's solve fitted.
+        ridges: name -> the lambda of that solve (kept by the memory from its first edit).
     """
 
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    ridges: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add(self, name: str, network_key: str, u: torch.Tensor, delta: torch.Tensor,
             keep: torch.Tensor | None = None) -> None:
@@ -84,6 +96,9 @@ class EditMemory:
         """Forget every edit (statistics and key moments)."""
         self.n_edits = 0
         self.edits: dict[str, torch.Tensor] = {}  # allocated by the first edit that reaches a matrix
+        self.gram: dict[str, torch.Tensor] = {}  # float64 (d_in, d_in), likewise
+        self.cross: dict[str, torch.Tensor] = {}  # float64 (d_in, d_out)
+        self.ridges: dict[str, torch.Tensor] = {}  # float64 scalars
         self.norms = {key: (RunningNorm(d_in).to(self.device), RunningNorm(d_out).to(self.device))
                       for key, (d_in, d_out) in self.widths.items()}
 
@@ -93,6 +108,13 @@ class EditMemory:
             keys = keys.to(self.device)
             moment = keys.t() @ keys  # (d_in, d_in)
             self.edits[name] = moment if name not in self.edits else self.edits[name] + moment
+        for name, (keys, values) in entry.fitted.items():
+            k64, v64 = keys.to(self.device, torch.float64), values.to(self.device, torch.float64)
+            gram, cross = k64.t() @ k64, k64.t() @ v64  # (d_in, d_in), (d_in, d_out)
+            self.gram[name] = gram if name not in self.gram else self.gram[name] + gram
+            self.cross[name] = cross if name not in self.cross else self.cross[name] + cross
+        for name, lam in entry.ridges.items():
+            self.ridges.setdefault(name, lam.detach().to(self.device, torch.float64).clone())
         for key, u_stats, delta_stats in entry.stats:
             u_norm, delta_norm = self.norms[key]
             u_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in u_stats))
@@ -100,8 +122,15 @@ class EditMemory:
         self.n_edits += 1
 
     def moment(self, name: str) -> torch.Tensor | None:
-        """The remembered key moment of matrix ``name`` (d_in, d_in), or None before any edit reached it."""
+        """The remembered raw key moment of matrix ``name`` (d_in, d_in), or None before any edit reached it."""
         return self.edits.get(name)
+
+    def fit(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(gram S, cross R, ridge lambda) of matrix ``name`` for a refit (float64), or None before any
+        edit reached it."""
+        if name not in self.gram:
+            return None
+        return self.gram[name], self.cross[name], self.ridges[name]
 
     def norms_for(self, networks) -> dict[str, tuple[RunningNorm, RunningNorm]] | None:
         """Network key -> (u norm, delta norm): trained statistics merged with the edit-time ones;
@@ -120,6 +149,10 @@ class EditMemory:
         out = {"n_edits": torch.tensor(self.n_edits, dtype=torch.int64)}
         for name, moment in self.edits.items():
             out[f"edits.{name}"] = moment.clone()
+        for name in self.gram:
+            out[f"gram.{name}"] = self.gram[name].clone()
+            out[f"cross.{name}"] = self.cross[name].clone()
+            out[f"ridge.{name}"] = self.ridges[name].clone()
         for key, (u_norm, delta_norm) in self.norms.items():
             for side, norm in (("u", u_norm), ("delta", delta_norm)):
                 for stat in ("count", "mean", "m2"):
@@ -140,6 +173,13 @@ class EditMemory:
                 if tuple(value.shape) != (d_in, d_in):
                     raise ValueError(f"memory tensor {flat} has shape {tuple(value.shape)}, expected ({d_in}, {d_in})")
                 self.edits[rest] = value.clone()
+            elif kind in ("gram", "cross", "ridge") and rest in names:
+                target = names[rest]
+                want = {"gram": (target.d_in, target.d_in), "cross": (target.d_in, target.d_out), "ridge": ()}[kind]
+                if tuple(value.shape) != want:
+                    raise ValueError(f"memory tensor {flat} has shape {tuple(value.shape)}, expected {want}")
+                store = {"gram": self.gram, "cross": self.cross, "ridge": self.ridges}[kind]
+                store[rest] = value.to(torch.float64).clone()
             elif kind == "norms":
                 key, side, stat = rest.rsplit(".", 2)
                 if key not in self.norms or side not in ("u", "delta") or stat not in ("count", "mean", "m2"):
@@ -151,6 +191,9 @@ class EditMemory:
                 getattr(norm, stat).copy_(value)
             else:
                 raise ValueError(f"unknown memory tensor {flat!r}")
+        if not set(self.gram) == set(self.cross) == set(self.ridges):
+            raise ValueError(f"memory tensors gram, cross and ridge must come together for every matrix; got gram "
+                             f"{sorted(self.gram)}, cross {sorted(self.cross)}, ridge {sorted(self.ridges)}")
 
 
 def check_moments(moments: dict[str, torch.Tensor], targets: list[EditTarget]) -> dict[str, torch.Tensor]:
