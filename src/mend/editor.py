@@ -580,10 +580,10 @@ class Editor:
         try:
             missing, unexpected = networks.load_state_dict(state, strict=False)
         except RuntimeError as error:  # tensor shapes that do not match the config
-            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: {error}") from None
+            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config {CONFIG_FILE} (one of the two is damaged or from another editor): {error}") from None
         missing = [name for name in missing if name not in ADDED_PARAMETERS]
         if missing or unexpected:
-            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config: missing {missing}, unexpected {unexpected}")
+            raise CheckpointError(f"{path / WEIGHTS_FILE} does not match its config {CONFIG_FILE} (one of the two is damaged or from another editor): missing {missing}, unexpected {unexpected}")
         editor = cls(model, tokenizer, networks, max_length=model_cfg.max_length, model_config=model_cfg,
                      aggregation=aggregation, lifelong=lifelong)
         if editor.memory is not None and (path / MEMORY_FILE).is_file():
