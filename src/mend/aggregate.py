@@ -250,24 +250,56 @@ def grouped_updates(networks, capture, groups_of_rows: torch.Tensor, n_groups: i
     return out
 
 
+@dataclass
+class RefitState:
+    """One matrix's joint fit so far, for cheap lifelong edits: ``inverse`` = A^-1 (d_in, d_in) and
+    ``fit`` = F = A^-1 w R (d_in, d_out), both float64 (`refit_increment`)."""
+
+    inverse: torch.Tensor
+    fit: torch.Tensor
+
+
+def refit_state(*, lam: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, moment: torch.Tensor | None = None,
+                memory_weight: float = 1.0) -> RefitState:
+    """A^-1 and F of ``A = w S + C + lambda I``, ``F = A^-1 w R``, computed from scratch: one Cholesky
+    factorisation of the (d_in, d_in) system (float64). A system that is not positive definite gives NaN."""
+    lhs = memory_weight * gram.double()  # (d_in, d_in)
+    if moment is not None:
+        lhs = lhs + moment.double()
+    lhs = lhs + lam.double() * torch.eye(lhs.shape[0], dtype=torch.float64, device=lhs.device)
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    inverse = torch.cholesky_inverse(chol)
+    if int(info) != 0:
+        inverse = torch.full_like(inverse, float("nan"))
+    return RefitState(inverse, inverse @ (memory_weight * cross.double()))
+
+
 def refit_increment(keys: torch.Tensor, values: torch.Tensor, lr: torch.Tensor, *, lam: torch.Tensor,
                     gram: torch.Tensor, cross: torch.Tensor, moment: torch.Tensor | None = None,
-                    memory_weight: float = 1.0, guard: torch.Tensor | None = None):
+                    memory_weight: float = 1.0, guard: torch.Tensor | None = None,
+                    state: RefitState | None = None):
     """A lifelong edit as recursive least squares: the change of the joint ridge fit when one more
     edit's keys and value shifts join those remembered (`mend.memory`, ``memory_solve = refit``).
 
     After edits 1..t the cumulative update of a matrix is the one ridge fit of every remembered key to
-    its value shift, ``F_t = A_t^-1 R_t`` (d_in, d_out), ``dW = -lr F^T``, with
+    its value shift, ``F_t = A_t^-1 w R_t`` (d_in, d_out), ``dW = -lr F^T``, with
 
         A_t = w S_t + C + lambda I,   S_t = sum_s U_s^T U_s,   R_t = sum_s U_s^T V_s    (w = memory_weight)
 
     the same solve one `edit_many` of every fact so far makes. Its change when edit t joins is exactly
-    rank n_t (the recursive least-squares identity):
+    rank n_t (the recursive least-squares identity, for w = 1):
 
         F_t - F_{t-1} = K^T D',   K = U_t A_t^-1,   D' = V_t - U_t F_{t-1}
 
     so an edit asks only for what the model does not already do at its keys (D' is the residual of
     the fit so far), and a value shift that every edit repeats is fitted once instead of stacking.
+
+    The new edit's keys join A with weight 1 (``A_t = A_{t-1} + U_t^T U_t``), so w < 1 discounts the
+    edits remembered against the new one, and w = 0 makes every edit as if it were the first.
+    ``U_t A_t^-1 = (I + P U_t^T)^-1 P`` with ``P = U_t A_{t-1}^-1`` (push-through), and A_t^-1 follows
+    from A_{t-1}^-1 by the Woodbury identity: given ``state`` (A_{t-1}^-1 and F_{t-1}, `RefitState`) an
+    edit of n keys costs O(n d_in^2) instead of the O(d_in^3) of a fresh factorisation. The state it
+    returns is the next edit's only for w = 1 (otherwise the next A weighs this edit by w).
 
     Args:
         keys: (n, d_in) the new edit's fitted keys U_t; values: (n, d_out) their value shifts V_t.
@@ -276,21 +308,23 @@ def refit_increment(keys: torch.Tensor, values: torch.Tensor, lr: torch.Tensor, 
         moment: C (d_in, d_in), the preserved knowledge kept in every solve, or None.
         guard: (g, d_in) raw keys whose outputs the update should keep (`Editor.edit(..., keep=...)`): they
             join the fit with the value shift the fit so far gives them, so their residual is zero.
+        state: A_{t-1}^-1 and F_{t-1} when the caller holds them for exactly these gram, cross, moment,
+            lambda and w; None computes them (`refit_state`).
 
-    Returns ((K (m, d_in), D' (m, d_out), lr) for `update_from`, like `aggregate_facts`, and (U, V), the
-    m = n + g keys and value shifts fitted, for the memory to absorb).
+    Returns ((K (m, d_in), D' (m, d_out), lr) for `update_from`, like `aggregate_facts`; (U, V), the
+    m = n + g keys and value shifts fitted, for the memory to absorb; the `RefitState` after this edit).
     """
-    k64, v64 = keys.double(), values.double()
-    d_in = k64.shape[1]
-    before = memory_weight * gram.double()  # (d_in, d_in) = w S_{t-1} + C + lambda I
-    if moment is not None:
-        before = before + moment.double()
-    before = before + lam.double() * torch.eye(d_in, dtype=torch.float64, device=k64.device)
-    fit = solve_spd(before, memory_weight * cross.double())  # (d_in, d_out) F_{t-1}
+    if state is None:
+        state = refit_state(lam=lam, gram=gram, cross=cross, moment=moment, memory_weight=memory_weight)
+    k64, v64 = keys.to(state.fit.device, torch.float64), values.to(state.fit.device, torch.float64)
     if guard is not None and len(guard):
         g64 = guard.to(k64.device, torch.float64)
-        k64, v64 = torch.cat([k64, g64]), torch.cat([v64, g64 @ fit])
-    residual = v64 - k64 @ fit  # (n, d_out) D' = V_t - U_t F_{t-1}
-    after = before + k64.t() @ k64  # (d_in, d_in) A_t
-    k_new = solve_spd(after, k64.t()).t()  # (m, d_in) U_t A_t^-1
-    return (k_new.to(keys.dtype), residual.to(values.dtype), lr), (k64.to(keys.dtype), v64.to(values.dtype))
+        k64, v64 = torch.cat([k64, g64]), torch.cat([v64, g64 @ state.fit])
+    residual = v64 - k64 @ state.fit  # (m, d_out) D' = V_t - U_t F_{t-1}
+    pushed = k64 @ state.inverse  # (m, d_in) P = U_t A_{t-1}^-1 (A^-1 is symmetric)
+    small = torch.eye(len(k64), dtype=torch.float64, device=k64.device) + pushed @ k64.t()  # (m, m) SPD
+    k_new = solve_spd(small, pushed)  # (m, d_in) K = U_t A_t^-1
+    inverse = state.inverse - pushed.t() @ k_new  # (d_in, d_in) A_t^-1 (Woodbury)
+    inverse = 0.5 * (inverse + inverse.t())  # keep it symmetric against rounding
+    after = RefitState(inverse, state.fit + k_new.t() @ residual)  # F_t = F_{t-1} + K^T D'
+    return (k_new.to(keys.dtype), residual.to(values.dtype), lr), (k64.to(keys.dtype), v64.to(values.dtype)), after

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .aggregate import MomentBasis, aggregate_facts, own_values, refit_increment, ridge_lambda
+from .aggregate import MomentBasis, RefitState, aggregate_facts, own_values, refit_increment, ridge_lambda
 from .batching import EditInputError, check_pairs, encode_pairs
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "editor.safetensors"
 CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
+REFIT_REFRESH = 100  # a lifelong refit factorises afresh every this many edits, bounding rounding drift
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
 EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "memory_solve", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
@@ -110,6 +111,10 @@ class Editor:
         self._memory_base: dict[str, torch.Tensor] | None = None  # the memory when _originals was taken
         # the weights the memory's first edit was made to: a refit captures every later edit on them
         self._fit_base: dict[str, torch.Tensor] | None = None
+        # name -> ((memory, its version, preserved basis, lambda), A^-1 and F of the joint fit): lets the
+        # next refit update A^-1 by Woodbury instead of factorising; unused once anything it depends on changes
+        self._refit_states: dict[str, tuple[tuple, RefitState]] = {}
+        self._pending_refit: dict[str, tuple] = {}  # (preserved basis, lambda, state) the edit being made leaves
         self.preserved: dict[str, torch.Tensor] = {}  # name -> (d_in, d_in) E[u u^T] of generic text
         self._basis_cache: dict[str, tuple] = {}  # name -> (moment, weight, its MomentBasis)
         self._params = dict(model.named_parameters())
@@ -254,10 +259,21 @@ class Editor:
             gram, cross, lam = remembered
             preserved = None
             if name in self.preserved and config.preserve_weight > 0:
-                preserved = self._preserved_basis(name, config.preserve_weight).dense()
-            factors, fitted = refit_increment(fitted_keys, values, lr, lam=lam, gram=gram, cross=cross,
-                                              moment=preserved, memory_weight=float(config.memory_weight),
-                                              guard=guard)
+                preserved = self._preserved_basis(name, config.preserve_weight)
+            weight = float(config.memory_weight)
+            state = None  # the held A^-1 and F serve only this memory state and these solve settings
+            held = self._refit_states.get(name)
+            if weight == 1.0 and held is not None and self.memory.n_edits % REFIT_REFRESH != 0:
+                (memory, version, basis, held_lam), held_state = held
+                if memory is self.memory and version == self.memory.version and basis is preserved \
+                        and held_lam == float(lam):
+                    state = held_state
+            factors, fitted, after = refit_increment(
+                fitted_keys, values, lr, lam=lam, gram=gram, cross=cross,
+                moment=None if preserved is None else preserved.dense(), memory_weight=weight, guard=guard,
+                state=state)
+            if weight == 1.0:
+                self._pending_refit[name] = (preserved, float(lam), after)
         entry.fitted[name] = tuple(t.detach().float() for t in fitted)
         entry.ridges[name] = lam.detach().double() if torch.is_tensor(lam) else torch.tensor(float(lam))
         return factors
@@ -337,6 +353,7 @@ class Editor:
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
+        self._pending_refit = {}
         with self._on_fit_base():  # a refit captures every edit on the same weights
             was_training = self.networks.training
             self.networks.eval()  # the networks' own statistics are frozen at edit time
@@ -423,6 +440,10 @@ class Editor:
             if self.memory.n_edits == 0:
                 self._fit_base = before
             self.memory.absorb(entry)
+            # the joint fit after this edit, for the next one (a stale entry is never used: versions differ)
+            self._refit_states = {name: ((self.memory, self.memory.version, preserved, lam), state)
+                                  for name, (preserved, lam, state) in self._pending_refit.items()}
+            self._pending_refit = {}
         result = EditResult(
             edit_id=next(self._ids),
             pairs=pairs,

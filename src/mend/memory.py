@@ -94,6 +94,7 @@ class EditMemory:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget every edit (statistics and key moments)."""
+        self.version = getattr(self, "version", 0) + 1  # changes with every change of the memory
         self.n_edits = 0
         self.edits: dict[str, torch.Tensor] = {}  # allocated by the first edit that reaches a matrix
         self.gram: dict[str, torch.Tensor] = {}  # float64 (d_in, d_in), likewise
@@ -120,6 +121,7 @@ class EditMemory:
             u_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in u_stats))
             delta_norm.merge(*(s.to(self.device) if torch.is_tensor(s) else s for s in delta_stats))
         self.n_edits += 1
+        self.version += 1
 
     def moment(self, name: str) -> torch.Tensor | None:
         """The remembered raw key moment of matrix ``name`` (d_in, d_in), or None before any edit reached it."""
