@@ -193,6 +193,30 @@ def test_reverting_a_middle_lifelong_edit_forgets_exactly_that_edit(unchanged):
     assert editor.applied == [] and editor.memory.n_edits == 0 and editor.memory.edits == {}
 
 
+def test_commit_keeps_the_edits_frees_their_history_and_later_edits_are_unchanged():
+    """After commit the model and memory stay; revert goes back only to the commit; an edit made after
+    it equals the same edit made by an editor that never committed."""
+    committed, plain = lifelong("llama"), lifelong("llama")
+    for editor in (committed, plain):
+        for fact in FACTS[:3]:
+            editor.edit(*fact)
+    old = committed.applied[0]
+    committed.commit()
+    at_commit = {t.name: committed._params[t.name].detach().clone() for t in committed.targets}
+    memory_at_commit = committed.memory.tensors()
+    assert committed.applied == [] and old._factors == {} and old._memory is None
+    assert committed.memory.n_edits == 3
+    with pytest.raises(ValueError, match="committed"):
+        committed.revert(old)
+    committed.edit(*FACTS[3])
+    plain.edit(*FACTS[3])
+    for target in committed.targets:
+        torch.testing.assert_close(committed._params[target.name], plain._params[target.name], rtol=0, atol=0)
+    committed.revert()  # back to the commit, not to the start
+    assert all(torch.equal(committed._params[n], w) for n, w in at_commit.items())
+    assert same_tensors(committed.memory.tensors(), memory_at_commit)
+
+
 def test_reset_memory_forgets_but_leaves_the_weights():
     editor = lifelong("gpt2")
     editor.edit(*FACTS[0])

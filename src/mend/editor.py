@@ -499,8 +499,8 @@ class Editor:
             raise TypeError(f"revert takes an EditResult returned by edit/edit_many, or nothing; got "
                             f"{type(result).__name__}: {result!r}")
         if not any(r is result for r in self._applied):
-            raise ValueError(f"edit {result.edit_id} is not applied to this editor's model (already reverted, "
-                             f"or made by another editor)")
+            raise ValueError(f"edit {result.edit_id} is not applied to this editor's model (already reverted "
+                             f"or committed, or made by another editor)")
         keep = [r for r in self._applied if r is not result]
         self._restore(keep)
         self._applied = keep
@@ -521,6 +521,18 @@ class Editor:
     def applied(self) -> list[EditResult]:
         """The edits currently applied, oldest first."""
         return list(self._applied)
+
+    def commit(self) -> None:
+        """Keep the edits applied so far for good: the weights and the memory stay as they are, but
+        the editor forgets how to undo them, so `revert` no longer goes back past this point (the
+        model as it is now becomes the one `revert` restores). Each applied edit keeps its factors
+        and memory entry for `revert` (about 2 MB per edit for SmolLM2's 9 matrices); a long lifelong
+        run that will not revert calls this now and then to free them. The refit's base weights and
+        held solve state stay, so later edits are computed exactly as without the commit."""
+        for result in self._applied:
+            result._factors, result._memory = {}, None
+        self._applied = []
+        self._originals = self._memory_base = None
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
