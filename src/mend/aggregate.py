@@ -267,10 +267,7 @@ def refit_state(*, lam: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, m
     if moment is not None:
         lhs = lhs + moment.double()
     lhs = lhs + lam.double() * torch.eye(lhs.shape[0], dtype=torch.float64, device=lhs.device)
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    inverse = torch.cholesky_inverse(chol)
-    if int(info) != 0:
-        inverse = torch.full_like(inverse, float("nan"))
+    inverse = solve_spd(lhs, torch.eye(lhs.shape[0], dtype=torch.float64, device=lhs.device))  # NaN if not SPD
     return RefitState(inverse, inverse @ (memory_weight * cross.double()))
 
 

@@ -84,6 +84,7 @@ class EditMemory:
         self.network_of = dict(network_of)
         self.widths = dict(widths)
         self.device = torch.device(device or "cpu")
+        self.version = 0  # changes with every change of the memory (reset, absorb, load_tensors)
         self.reset()
 
     @classmethod
@@ -94,7 +95,7 @@ class EditMemory:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget every edit (statistics and key moments)."""
-        self.version = getattr(self, "version", 0) + 1  # changes with every change of the memory
+        self.version += 1
         self.n_edits = 0
         self.edits: dict[str, torch.Tensor] = {}  # allocated by the first edit that reaches a matrix
         self.gram: dict[str, torch.Tensor] = {}  # float64 (d_in, d_in), likewise
