@@ -178,6 +178,7 @@ class Editor:
         self._require_memory("reset_memory")
         self.memory.reset()
         self._fit_base = None
+        self._refit_states = {}  # the held joint fit was of the memory just forgotten (no use, ~d_in^2 per matrix)
         for result in self._applied:
             result._memory = None
         if self._memory_base is not None:
