@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .bootstrap import DEFAULT_CONFIDENCE
+from .stages import check_stages
 from .bootstrap import DEFAULT_SAMPLES as DEFAULT_BOOTSTRAP_SAMPLES
 from .wild import DEFAULT_MAX_NEW_TOKENS as DEFAULT_WILD_MAX_NEW_TOKENS
 from .wild import DEFAULT_TEMPLATE as DEFAULT_WILD_TEMPLATE
@@ -123,11 +124,23 @@ class DataConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged run (`mend.stages`): from step ``at`` on, edits of ``n_edits`` facts."""
+
+    at: int = 1
+    n_edits: int = 1
+    warmup_steps: int = 0  # the stage's own learning-rate warm-up
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     batch_size: int = 10  # independent edits per step (scored together in one forward pass)
     n_edits: int = 1  # facts applied together in each of those edits
+    # A curriculum of facts per edit (`mend.stages`): [{at: step, n_edits: n, warmup_steps: w}, ...]; each
+    # stage restarts the learning-rate schedule, and validation edits at the last stage's size.
+    stages: List[StageConfig] = field(default_factory=list)
     lr: float = 1e-4  # Adam learning rate of the editor networks
     lr_lr: float = 1e-3  # Adam learning rate of the per-matrix step sizes (in log space)
     c_edit: float = 1.0  # weight of the edit loss (edit + paraphrase NLL)
@@ -291,6 +304,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     if cfg.train.n_edits < 1:
         raise ConfigError(f"train.n_edits must be >= 1, got {cfg.train.n_edits}")
+    try:
+        check_stages(cfg.train)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.data.format not in ("auto", "counterfact", "zsre", "knowedit"):
         raise ConfigError(f"data.format must be auto, counterfact, zsre or knowedit, got {cfg.data.format!r}")
     if cfg.data.on_invalid not in ("raise", "skip"):

@@ -18,7 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .editor import Editor
-from .meta_batch import EditSampler, build_meta_batch
+from . import stages
+from .meta_batch import build_meta_batch
 from .models import load_base_model, resolve_device
 from .networks import MendNetworks, merge_across_processes
 from .objective import meta_objective
@@ -94,14 +95,9 @@ def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
 
 def learning_rate_factor(step: int, cfg) -> float:
     """The multiplier of both learning rates at ``step`` (0-based): linear warm-up over
-    ``train.warmup_steps``, then constant or a cosine decay to 0 at ``train.max_steps``."""
-    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.train.lr_decay == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
+    ``train.warmup_steps``, then constant or a cosine decay to 0 at ``train.max_steps``; with
+    ``train.stages``, the same within each stage (`mend.stages`)."""
+    return stages.learning_rate_factor(step, cfg.train)
 
 
 def set_learning_rates(optimizer, cfg, step: int) -> None:
@@ -112,12 +108,13 @@ def set_learning_rates(optimizer, cfg, step: int) -> None:
         group["lr"] = base * factor
 
 
-def score_edits(model, networks, tokenizer, records, equivalents, localities, cfg, device, prefix_cache, moments):
-    """The meta-objective (`mend.objective.meta_objective`) of ``records`` edited with these paraphrases
-    and locality probes, batched and weighted as ``cfg.train`` says: what a training step and a
-    validation chunk both score."""
+def score_edits(model, networks, tokenizer, records, equivalents, localities, cfg, device, prefix_cache, moments,
+                n_edits: int):
+    """The meta-objective (`mend.objective.meta_objective`) of ``records`` edited ``n_edits`` facts at a
+    time with these paraphrases and locality probes, batched and weighted as ``cfg.train`` says: what a
+    training step and a validation chunk both score."""
     batch = build_meta_batch(tokenizer, records, equivalents, localities, max_length=cfg.model.max_length,
-                             n_edits=cfg.train.n_edits, prefix_cache=prefix_cache,
+                             n_edits=n_edits, prefix_cache=prefix_cache,
                              whole_locality=cfg.train.loc_prompt_weight > 0).to(device)
     return meta_objective(model, networks, batch, c_edit=cfg.train.c_edit, c_loc=cfg.train.c_loc,
                           c_norm=cfg.train.c_norm, bf16=cfg.train.bf16, moments=moments,
@@ -134,7 +131,9 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     chosen = sampler.records_for_step(step)
     equivalents, localities = sampler.choose(step, chosen, cfg.train.loc_probes, cfg.train.loc_same_answer)
     # 2. edit, score the edited model, backward into the editor; average gradients over processes
-    out = score_edits(model, networks, tokenizer, chosen, equivalents, localities, cfg, device, prefix_cache, moments)
+    n_edits = stages.segment_at(step, cfg.train).n_edits
+    out = score_edits(model, networks, tokenizer, chosen, equivalents, localities, cfg, device, prefix_cache, moments,
+                      n_edits)
     out.loss.backward()
     if world > 1:
         all_reduce_gradients(networks, world)
@@ -158,17 +157,20 @@ def validation_score(metrics: dict) -> float:
 @torch.no_grad()
 def validate(model, networks, tokenizer, records, cfg, device, prefix_cache=None, moments=None) -> dict:
     """Edit success, paraphrase success, locality agreement and losses over validation records
-    (edits of n_edits facts, batch_size edits per forward), with the editor's statistics frozen."""
+    (edits of n_edits facts, the last stage's with ``train.stages``, batch_size edits per forward), with
+    the editor's statistics frozen."""
     was_training = networks.training
     networks.eval()
     sums = {k: 0.0 for k in METRICS}
-    n = cfg.train.n_edits * cfg.train.batch_size
+    n_edits = stages.final_n_edits(cfg.train)
+    n = n_edits * cfg.train.batch_size
     weights = 0
     chunks = [records[i : i + n] for i in range(0, len(records), n)]
     for chunk in chunks:
         equivalents = [r.equivalents[0] for r in chunk]
         localities = [r.locality[0] for r in chunk]
-        out = score_edits(model, networks, tokenizer, chunk, equivalents, localities, cfg, device, prefix_cache, moments)
+        out = score_edits(model, networks, tokenizer, chunk, equivalents, localities, cfg, device, prefix_cache, moments,
+                          n_edits)
         for key in METRICS:  # weighted by records, so a short last chunk counts for what it holds
             sums[key] += float(out.metrics[key]) * len(chunk)
         weights += len(chunk)
@@ -319,8 +321,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         (run_dir / "config.yaml").write_text(config_yaml)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=progress.step if resume else None) if is_main else None
 
-    per_step = cfg.train.batch_size * cfg.train.n_edits
-    sampler = EditSampler(train_records, per_step, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    sampler = stages.StagedSampler(train_records, cfg.train, accelerator.process_index, accelerator.num_processes)
     editor_view = Editor(model, tokenizer, networks, max_length=cfg.model.max_length, model_config=cfg.model)
     editor_view.preserved = preserved  # saved with every checkpoint: the editor solves with it at edit time too
 
@@ -346,8 +347,9 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     running = {k: 0.0 for k in METRICS}
     running_count = 0
     start = time.perf_counter()
-    first_step = progress.step
+    examples = 0  # facts edited by this process's steps
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
+        examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
                                     accelerator.num_processes, prefix_cache, moments)
         if not finite:
@@ -393,8 +395,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    steps_done = progress.step - first_step
     if is_main:
         plot_training_curves(run_dir / "log.jsonl", run_dir / "training_curves.png")
-    examples = steps_done * per_step * accelerator.num_processes
+    examples *= accelerator.num_processes
     return TrainResult(run_dir, best_dir, progress, seconds, examples / seconds if seconds > 0 else math.nan, networks)

@@ -1,0 +1,84 @@
+"""A staged run (`train.stages`): each stage edits its own number of facts together, restarts the
+learning-rate schedule, and validation edits at the last stage's size; without stages nothing changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import mend.trainer as trainer
+from mend import stages
+from mend.config import ConfigError, load_config
+from mend.meta_batch import EditSampler
+from mend.stages import StagedSampler
+from mend.training_log import read_jsonl
+from test_trainer import config, run
+from tiny_models import tiny_records
+
+STAGED = ["train.batch_size=1", "train.n_edits=2", "train.max_steps=8", "train.warmup_steps=2",
+          "train.lr_decay=cosine", "train.stages=[{at: 5, n_edits: 4, warmup_steps: 1}]"]
+
+
+def test_without_stages_a_run_is_one_segment_with_the_old_schedule(tmp_path):
+    cfg = config(tmp_path, "train.max_steps=10", "train.warmup_steps=2", "train.lr_decay=cosine")
+    assert stages.segments(cfg.train) == [stages.Segment(0, 10, 1, 2)]
+    assert [trainer.learning_rate_factor(s, cfg) for s in range(2)] == [0.5, 1.0]
+    assert trainer.learning_rate_factor(6, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_each_stage_has_its_size_and_restarts_the_schedule(tmp_path):
+    cfg = config(tmp_path, *STAGED)
+    assert stages.segments(cfg.train) == [stages.Segment(0, 5, 2, 2), stages.Segment(5, 8, 4, 1)]
+    assert [stages.segment_at(s, cfg.train).n_edits for s in range(8)] == [2] * 5 + [4] * 3
+    assert stages.final_n_edits(cfg.train) == 4
+    factors = [trainer.learning_rate_factor(s, cfg) for s in range(8)]
+    assert factors[:2] == [0.5, 1.0] and factors[4] == pytest.approx(0.25)  # warm-up, then the first cosine
+    assert factors[5:] == pytest.approx([1.0, 1.0, 0.5])  # the stage's own warm-up and cosine
+
+
+def test_the_staged_sampler_draws_each_stage_s_size_and_equals_the_plain_sampler_without_stages(tmp_path):
+    records = tiny_records()
+    cfg = config(tmp_path, *STAGED)
+    sampler = StagedSampler(records, cfg.train)
+    assert [len(sampler.records_for_step(s)) for s in range(8)] == [2] * 5 + [4] * 3
+    plain_cfg = config(tmp_path, "train.batch_size=1", "train.n_edits=2")
+    plain, staged = EditSampler(records, 2, seed=plain_cfg.train.seed), StagedSampler(records, plain_cfg.train)
+    for step in range(6):
+        assert staged.records_for_step(step) == plain.records_for_step(step)
+        chosen = plain.records_for_step(step)
+        assert staged.choose(step, chosen, 2) == plain.choose(step, chosen, 2)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ("{at: 0, n_edits: 4}", "train.stages[0].at must lie strictly between 0"),
+    ("{at: 9, n_edits: 4}", "train.max_steps=8"),
+    ("{at: 3, n_edits: 0}", "train.stages[0].n_edits must be >= 1"),
+    ("{at: 3, n_edits: 2, warmup_steps: -1}", "train.stages[0].warmup_steps must be >= 0"),
+])
+def test_a_bad_stage_is_refused_by_name(stage, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(["train.max_steps=8", f"train.stages=[{stage}]"])
+
+
+def test_stages_must_come_in_step_order():
+    with pytest.raises(ConfigError, match=r"train.stages\[1\].at must lie strictly between 5"):
+        load_config(["train.max_steps=8", "train.stages=[{at: 5, n_edits: 2}, {at: 4, n_edits: 3}]"])
+
+
+def test_a_staged_run_trains_each_stage_at_its_size_and_validates_at_the_last(tmp_path, monkeypatch):
+    sizes = {"train": [], "val": []}
+    score = trainer.score_edits
+
+    def recording(*args, **kwargs):
+        n_edits = args[-1]
+        sizes["val" if not args[1].training else "train"].append((len(args[3]), n_edits))
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "score_edits", recording)
+    result = run(tmp_path, *STAGED, "train.val_every=4", "train.val_records=4")
+    assert result.progress.step == 8
+    assert sizes["train"] == [(2, 2)] * 5 + [(4, 4)] * 3  # records and facts per edit of every step
+    assert sizes["val"] and set(sizes["val"]) == {(4, 4)}  # 4 validation records in one edit of 4
+    val_steps = [line["step"] for line in read_jsonl(tmp_path / "log.jsonl") if line["split"] == "val"]
+    assert val_steps == [4, 8]
