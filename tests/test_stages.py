@@ -1,5 +1,7 @@
-"""A staged run (`train.stages`): each stage edits its own number of facts together, restarts the
-learning-rate schedule, and validation edits at the last stage's size; without stages nothing changes."""
+"""The learning-rate schedule and the facts per edit over a run. A staged run (`train.stages`): each stage
+edits its own number of facts together, restarts the learning-rate schedule, and validation edits at the
+last stage's size; without stages nothing changes. A schedule in minutes (`train.schedule_minutes`): the
+cosine follows the run's training time, which a resumed run carries on from."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from mend.config import ConfigError, load_config
 from mend.meta_batch import EditSampler
 from mend.stages import StagedSampler
 from mend.training_log import read_jsonl
-from test_trainer import config, run
-from tiny_models import tiny_records
+from test_trainer import config, initial_networks, run
+from tiny_models import tiny_model, tiny_records
 
 STAGED = ["train.batch_size=1", "train.n_edits=2", "train.max_steps=8", "train.warmup_steps=2",
           "train.lr_decay=cosine", "train.stages=[{at: 5, n_edits: 4, warmup_steps: 1}]"]
@@ -82,3 +84,41 @@ def test_a_staged_run_trains_each_stage_at_its_size_and_validates_at_the_last(tm
     assert sizes["val"] and set(sizes["val"]) == {(4, 4)}  # 4 validation records in one edit of 4
     val_steps = [line["step"] for line in read_jsonl(tmp_path / "log.jsonl") if line["split"] == "val"]
     assert val_steps == [4, 8]
+
+
+# ---------------------------------------------------------------- a schedule in minutes
+TIMED = ["train.lr_decay=cosine", "train.schedule_minutes=10", "train.warmup_steps=2", "train.max_steps=1000"]
+
+
+def test_a_schedule_in_minutes_warms_up_in_steps_then_follows_the_clock(tmp_path):
+    cfg = config(tmp_path, *TIMED)
+    assert [trainer.learning_rate_factor(s, cfg, minutes=9.0) for s in range(2)] == [0.5, 1.0]
+    assert trainer.learning_rate_factor(500, cfg, minutes=0.0) == 1.0  # the step count no longer decays it
+    assert trainer.learning_rate_factor(2, cfg, minutes=5.0) == pytest.approx(0.5)
+    assert trainer.learning_rate_factor(3, cfg, minutes=10.0) == pytest.approx(0.0)
+    assert trainer.learning_rate_factor(3, cfg, minutes=60.0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.schedule_minutes=0", "train.lr_decay=cosine"], "train.schedule_minutes must be > 0"),
+    (["train.schedule_minutes=5"], "it needs train.lr_decay=cosine"),
+    (["train.schedule_minutes=5", "train.lr_decay=cosine", "train.max_steps=8", "train.stages=[{at: 4, n_edits: 2}]"],
+     "cannot be combined"),
+])
+def test_a_bad_schedule_in_minutes_is_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_a_run_past_its_schedule_minutes_trains_at_rate_zero_and_records_its_time(tmp_path):
+    from mend.train_state import load_train_state
+
+    result = run(tmp_path, "train.lr_decay=cosine", "train.schedule_minutes=1e-9", "train.max_steps=3",
+                 "train.val_every=3")
+    rates = [line["lr"] for line in read_jsonl(tmp_path / "log.jsonl") if line["split"] == "train"]
+    assert rates and set(rates) == {0.0}  # every step came after the (tiny) budget: the cosine is spent
+    assert result.progress.trained_s > 0
+    cfg = config(tmp_path)
+    networks = initial_networks(tiny_model("llama")[0], cfg)
+    saved = load_train_state(tmp_path / "state", networks, trainer.make_optimizer(networks, cfg))
+    assert saved.trained_s == pytest.approx(result.progress.trained_s)  # a resumed run's clock goes on from it

@@ -165,6 +165,10 @@ class TrainConfig:
     edit_answer_weight: float = 0.0
     warmup_steps: int = 0  # linear warm-up of both learning rates over this many steps
     lr_decay: str = "none"  # none | cosine: decay both learning rates to 0 at max_steps
+    # With lr_decay=cosine: the cosine reaches 0 after this many minutes of training instead of at max_steps
+    # (the warm-up stays in steps). A recipe with a time budget then anneals fully on a slow machine and a
+    # fast one alike; max_steps only caps the steps. null = the schedule runs in steps.
+    schedule_minutes: Optional[float] = None
     max_minutes: Optional[float] = None  # stop (and validate) once training has run this long; null = no limit
     grad_clip: float = 100.0
     val_every: int = 100
@@ -330,6 +334,15 @@ def validate(cfg) -> None:
                           f"{cfg.train.preserve_records}, {cfg.train.warmup_steps}")
     if cfg.train.lr_decay not in ("none", "cosine"):
         raise ConfigError(f"train.lr_decay must be none or cosine, got {cfg.train.lr_decay!r}")
+    if cfg.train.schedule_minutes is not None:
+        if not cfg.train.schedule_minutes > 0:
+            raise ConfigError(f"train.schedule_minutes must be > 0 or null, got {cfg.train.schedule_minutes}")
+        if cfg.train.lr_decay != "cosine":
+            raise ConfigError(f"train.schedule_minutes times the cosine decay: it needs train.lr_decay=cosine, "
+                              f"got {cfg.train.lr_decay!r}")
+        if cfg.train.stages:
+            raise ConfigError("train.schedule_minutes and train.stages cannot be combined: stages restart the "
+                              "schedule at steps")
     if cfg.train.max_minutes is not None and not cfg.train.max_minutes > 0:
         raise ConfigError(f"train.max_minutes must be > 0 or null, got {cfg.train.max_minutes}")
     if cfg.train.prefix_cache_dtype not in ("float32", "bfloat16", "float16"):

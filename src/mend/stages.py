@@ -51,15 +51,20 @@ def final_n_edits(train) -> int:
     return segments(train)[-1].n_edits
 
 
-def learning_rate_factor(step: int, train) -> float:
+def learning_rate_factor(step: int, train, minutes: float = 0.0) -> float:
     """The multiplier of both learning rates at ``step``: within the step's segment, a linear warm-up,
-    then constant or a cosine decay to 0 at the segment's end."""
+    then constant or a cosine decay to 0 at the segment's end. With ``train.schedule_minutes`` the
+    cosine runs in time instead: it is at ``minutes / schedule_minutes`` of its way (``minutes``: the
+    run's training time so far)."""
     segment = segment_at(step, train)
     local, length = step - segment.start, segment.end - segment.start
     if local < segment.warmup:
         return (local + 1) / segment.warmup
     if train.lr_decay == "cosine":
-        progress = min(1.0, (local - segment.warmup) / max(1, length - segment.warmup))
+        if train.get("schedule_minutes") is not None:
+            progress = min(1.0, minutes / train.schedule_minutes)
+        else:
+            progress = min(1.0, (local - segment.warmup) / max(1, length - segment.warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
 

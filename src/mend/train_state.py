@@ -26,6 +26,7 @@ class Progress:
     bad_validations: int = 0  # validations since the best one
     stopped_early: bool = False
     history: list = field(default_factory=list)  # validation metrics, one dict per validation
+    trained_s: float = 0.0  # seconds of training (steps and validations) so far, over every resumption
 
 
 def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -93,17 +93,18 @@ def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
     )
 
 
-def learning_rate_factor(step: int, cfg) -> float:
+def learning_rate_factor(step: int, cfg, minutes: float = 0.0) -> float:
     """The multiplier of both learning rates at ``step`` (0-based): linear warm-up over
-    ``train.warmup_steps``, then constant or a cosine decay to 0 at ``train.max_steps``; with
-    ``train.stages``, the same within each stage (`mend.stages`)."""
-    return stages.learning_rate_factor(step, cfg.train)
+    ``train.warmup_steps``, then constant or a cosine decay to 0 at ``train.max_steps`` (or after
+    ``train.schedule_minutes`` of the run's ``minutes`` of training); with ``train.stages``, the same
+    within each stage (`mend.stages`)."""
+    return stages.learning_rate_factor(step, cfg.train, minutes)
 
 
-def set_learning_rates(optimizer, cfg, step: int) -> None:
-    """Set each optimizer group's rate for ``step`` from its configured base rate (stateless, so a
-    resumed run follows the same schedule)."""
-    factor = learning_rate_factor(step, cfg)
+def set_learning_rates(optimizer, cfg, step: int, minutes: float = 0.0) -> None:
+    """Set each optimizer group's rate for ``step`` (and ``minutes`` of training, for a schedule in time)
+    from its configured base rate (stateless, so a resumed run follows the same schedule)."""
+    factor = learning_rate_factor(step, cfg, minutes)
     for group, base in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.lr_lr)):
         group["lr"] = base * factor
 
@@ -122,7 +123,7 @@ def score_edits(model, networks, tokenizer, records, equivalents, localities, cf
 
 
 def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg, device, world: int = 1,
-                  prefix_cache=None, moments=None):
+                  prefix_cache=None, moments=None, minutes: float = 0.0):
     """One meta-training step; returns its `StepOutput` and whether the update was applied.
 
     With a `mend.prefix_cache.PrefixCache` the step runs only the blocks from the lowest edited one on;
@@ -141,7 +142,7 @@ def training_step(model, tokenizer, networks, optimizer, sampler, step: int, cfg
     total_norm = torch.nn.utils.clip_grad_norm_(networks.parameters(), cfg.train.grad_clip)
     finite = bool(torch.isfinite(total_norm))
     if finite:
-        set_learning_rates(optimizer, cfg, step)
+        set_learning_rates(optimizer, cfg, step, minutes)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:
@@ -245,6 +246,18 @@ def _out_of_time(start: float, max_minutes, world: int, device) -> bool:
     return late
 
 
+def _shared_minutes(minutes: float, world: int, device) -> float:
+    """The main process's training minutes, on every process (a schedule in time must give all processes
+    the same learning rate, or their editors drift apart)."""
+    if world == 1:
+        return minutes
+    import torch.distributed as dist
+
+    value = torch.tensor([minutes], dtype=torch.float64, device=device)
+    dist.broadcast(value, src=0)
+    return float(value.item())
+
+
 def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print):
     """The preserved knowledge of a run with ``train.preserve_records`` > 0: (moments name -> C (d_in,
     d_in) the saved editor keeps for edit time, name -> `MomentBasis` of ``editor.preserve_weight * C``
@@ -326,6 +339,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     editor_view.preserved = preserved  # saved with every checkpoint: the editor solves with it at edit time too
 
     def checkpoint(metrics):
+        progress.trained_s = trained_before + time.perf_counter() - start
         improved = metrics["score"] > progress.best_score
         if improved:
             progress.best_score, progress.best_step, progress.bad_validations = metrics["score"], progress.step, 0
@@ -347,11 +361,15 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     running = {k: 0.0 for k in METRICS}
     running_count = 0
     start = time.perf_counter()
+    trained_before = progress.trained_s  # a resumed run's schedule in time goes on from there
+    timed = cfg.train.schedule_minutes is not None
     examples = 0  # facts edited by this process's steps
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
+        minutes = (trained_before + time.perf_counter() - start) / 60.0 if timed else 0.0
+        minutes = _shared_minutes(minutes, accelerator.num_processes, device) if timed else 0.0
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
-                                    accelerator.num_processes, prefix_cache, moments)
+                                    accelerator.num_processes, prefix_cache, moments, minutes)
         if not finite:
             progress.skipped_steps += 1
         progress.step += 1
@@ -364,7 +382,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
             if log is not None:
                 log.write({"split": "train", "step": progress.step, **averaged, "skipped": progress.skipped_steps,
                            "elapsed_s": round(time.perf_counter() - start, 2),
-                           "lr_mean": float(networks.log_lrs.detach().exp().mean())})
+                           "lr_mean": float(networks.log_lrs.detach().exp().mean()),
+                           "lr": float(optimizer.param_groups[0]["lr"])})
             if bar is not None:
                 bar.set_postfix(loss=f"{averaged['loss']:.3f}", edit=f"{averaged['edit_acc']:.2f}", loc=f"{averaged['loc_agree']:.2f}")
             running = {k: 0.0 for k in METRICS}
