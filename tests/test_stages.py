@@ -122,3 +122,38 @@ def test_a_run_past_its_schedule_minutes_trains_at_rate_zero_and_records_its_tim
     networks = initial_networks(tiny_model("llama")[0], cfg)
     saved = load_train_state(tmp_path / "state", networks, trainer.make_optimizer(networks, cfg))
     assert saved.trained_s == pytest.approx(result.progress.trained_s)  # a resumed run's clock goes on from it
+
+
+# ---------------------------------------------------------------- a budget for the whole command
+def test_the_cosine_clock_stretches_training_time_over_what_the_setup_left():
+    assert trainer.schedule_clock(120.0, 0.0, 10) == pytest.approx(2.0)  # no setup counted: plain minutes
+    # 5 of 10 minutes went to the setup: 2.5 minutes of training is half the cosine, 5 minutes all of it
+    assert trainer.schedule_clock(150.0, 300.0, 10) == pytest.approx(5.0)
+    assert trainer.schedule_clock(300.0, 300.0, 10) == pytest.approx(10.0)
+    assert trainer.schedule_clock(1.0, 600.0, 10) == math.inf  # nothing left: the cosine is spent
+
+
+def test_a_budget_the_setup_used_up_is_refused_before_any_step(tmp_path):
+    with pytest.raises(RuntimeError, match="budget_includes_setup.*train.max_minutes"):
+        run(tmp_path, "train.budget_includes_setup=true", "train.max_minutes=1e-9", "train.max_steps=3")
+    assert not (tmp_path / "state").exists()  # nothing was trained, nothing written as if it had been
+
+
+def test_a_budget_with_the_setup_records_the_setup_and_a_resumed_run_keeps_the_first_runs(tmp_path):
+    from mend.train_state import load_train_state
+
+    budget = ["train.budget_includes_setup=true", "train.lr_decay=cosine", "train.schedule_minutes=60",
+              "train.max_minutes=60", "train.val_every=3"]
+    first = run(tmp_path, *budget, "train.max_steps=3")
+    assert first.progress.setup_s > 0
+    cfg = config(tmp_path)
+    networks = initial_networks(tiny_model("llama")[0], cfg)
+    saved = load_train_state(tmp_path / "state", networks, trainer.make_optimizer(networks, cfg))
+    assert saved.setup_s == pytest.approx(first.progress.setup_s)
+    resumed = run(tmp_path, *budget, "train.max_steps=6", resume=True)
+    assert resumed.progress.step == 6
+    assert resumed.progress.setup_s == pytest.approx(first.progress.setup_s)  # the cosine's span is the first run's
+
+
+def test_without_the_setup_in_the_budget_no_setup_is_recorded(tmp_path):
+    assert run(tmp_path, "train.max_steps=2", "train.val_every=2").progress.setup_s == 0.0

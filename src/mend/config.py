@@ -170,6 +170,10 @@ class TrainConfig:
     # fast one alike; max_steps only caps the steps. null = the schedule runs in steps.
     schedule_minutes: Optional[float] = None
     max_minutes: Optional[float] = None  # stop (and validate) once training has run this long; null = no limit
+    # Count max_minutes and schedule_minutes from the start of the run (loading the model, building the prefix
+    # cache and the preserved knowledge included) instead of from its first step: a budget for the whole
+    # command, so the cosine spans whatever time the setup left on this machine.
+    budget_includes_setup: bool = False
     grad_clip: float = 100.0
     val_every: int = 100
     val_records: int = 100

@@ -27,6 +27,7 @@ class Progress:
     stopped_early: bool = False
     history: list = field(default_factory=list)  # validation metrics, one dict per validation
     trained_s: float = 0.0  # seconds of training (steps and validations) so far, over every resumption
+    setup_s: float = 0.0  # seconds the first run spent before its first step (train.budget_includes_setup)
 
 
 def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict]:

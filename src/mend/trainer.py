@@ -246,6 +246,27 @@ def _out_of_time(start: float, max_minutes, world: int, device) -> bool:
     return late
 
 
+def schedule_clock(trained_s: float, setup_s: float, schedule_minutes) -> float:
+    """Minutes on the cosine's clock after ``trained_s`` seconds of training, when the run spent ``setup_s``
+    seconds before its first step that count against ``schedule_minutes`` (train.budget_includes_setup):
+    the cosine spans the ``schedule_minutes - setup`` left, so training time is stretched to fill it."""
+    if not setup_s:
+        return trained_s / 60.0
+    left_s = 60.0 * schedule_minutes - setup_s
+    return math.inf if left_s <= 0 else trained_s / 60.0 * (60.0 * schedule_minutes / left_s)
+
+
+def _check_budget_left(setup_s: float, cfg) -> None:
+    """Refuse to start training when the setup alone used a budget that includes it."""
+    for key in ("max_minutes", "schedule_minutes"):
+        limit = cfg.train.get(key)
+        if limit is not None and setup_s >= 60.0 * limit:
+            raise RuntimeError(
+                f"train.budget_includes_setup: loading the model and building the caches took {setup_s / 60:.1f} "
+                f"minutes, the whole of train.{key}={limit}; raise it, or build the caches first (they are "
+                f"reused) and run again")
+
+
 def _shared_minutes(minutes: float, world: int, device) -> float:
     """The main process's training minutes, on every process (a schedule in time must give all processes
     the same learning rate, or their editors drift apart)."""
@@ -298,6 +319,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     """
     from accelerate import Accelerator
 
+    entered = time.perf_counter()  # train.budget_includes_setup counts from here
     device = resolve_device(cfg.model.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     if accelerator.num_processes > 1:
@@ -363,10 +385,18 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     start = time.perf_counter()
     trained_before = progress.trained_s  # a resumed run's schedule in time goes on from there
     timed = cfg.train.schedule_minutes is not None
+    clock_start = start  # where train.max_minutes counts from (this process)
+    if cfg.train.budget_includes_setup:
+        clock_start = entered
+        _check_budget_left(start - entered, cfg)
+        if not resume:
+            progress.setup_s = start - entered  # a resumed run's cosine keeps the first run's span
     examples = 0  # facts edited by this process's steps
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
-        minutes = (trained_before + time.perf_counter() - start) / 60.0 if timed else 0.0
+        minutes = schedule_clock(trained_before + time.perf_counter() - start,
+                                 progress.setup_s if cfg.train.budget_includes_setup else 0.0,
+                                 cfg.train.schedule_minutes) if timed else 0.0
         minutes = _shared_minutes(minutes, accelerator.num_processes, device) if timed else 0.0
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
                                     accelerator.num_processes, prefix_cache, moments, minutes)
@@ -391,7 +421,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         if bar is not None:
             bar.update(1)
         # 5. validate, keep the best, stop early when patience or train.max_minutes runs out
-        out_of_time = _out_of_time(start, cfg.train.max_minutes, accelerator.num_processes, device)
+        out_of_time = _out_of_time(clock_start, cfg.train.max_minutes, accelerator.num_processes, device)
         if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps or out_of_time:
             metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache, moments)
             checkpoint(metrics)
