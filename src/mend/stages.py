@@ -37,13 +37,16 @@ def segments(train) -> list[Segment]:
     return [Segment(start, end, n, warmup) for (start, n, warmup), end in zip(bounds, ends)]
 
 
+def segment_index(step: int, found: list[Segment]) -> int:
+    """Which of the run's segments ``found`` step ``step`` (0-based) belongs to; steps past ``max_steps``
+    belong to the last."""
+    return max((i for i, segment in enumerate(found) if step >= segment.start), default=0)
+
+
 def segment_at(step: int, train) -> Segment:
     """The segment step ``step`` (0-based) belongs to; steps past ``max_steps`` belong to the last."""
     found = segments(train)
-    for segment in reversed(found):
-        if step >= segment.start:
-            return segment
-    return found[0]
+    return found[segment_index(step, found)]
 
 
 def final_n_edits(train) -> int:
@@ -97,12 +100,9 @@ class StagedSampler:
         self.samplers = [EditSampler(records, int(train.batch_size) * s.n_edits, int(train.seed) + 7919 * i, rank, world)
                          for i, s in enumerate(self.segments)]
 
-    def _index(self, step: int) -> int:
-        return max(i for i, s in enumerate(self.segments) if step >= s.start or i == 0)
-
     def records_for_step(self, step: int):
-        i = self._index(step)
+        i = segment_index(step, self.segments)
         return self.samplers[i].records_for_step(step - self.segments[i].start)
 
     def choose(self, step: int, records, loc_probes: int = 1, same_answer: int = 0):
-        return self.samplers[self._index(step)].choose(step, records, loc_probes, same_answer)
+        return self.samplers[segment_index(step, self.segments)].choose(step, records, loc_probes, same_answer)

@@ -231,19 +231,25 @@ def open_prefix_cache(model, tokenizer, targets, train_records, val_records, cfg
     return cache
 
 
+def _from_main(value: float, world: int, device) -> float:
+    """The main process's ``value`` on every process: what all processes must decide alike (when to
+    stop, the learning rate of a schedule in time) comes from one clock."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(shared, src=0)
+    return float(shared.item())
+
+
 def _out_of_time(start: float, max_minutes, world: int, device) -> bool:
     """Whether this run has trained for ``max_minutes`` (this process's clock; with several processes,
     the main process decides for all, so that they stop at the same step)."""
     if max_minutes is None:
         return False
     late = time.perf_counter() - start >= 60.0 * max_minutes
-    if world > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if late else 0.0], device=device)
-        dist.broadcast(flag, src=0)
-        late = bool(flag.item())
-    return late
+    return bool(_from_main(1.0 if late else 0.0, world, device))
 
 
 def schedule_clock(trained_s: float, setup_s: float, schedule_minutes) -> float:
@@ -265,18 +271,6 @@ def _check_budget_left(setup_s: float, cfg) -> None:
                 f"train.budget_includes_setup: loading the model and building the caches took {setup_s / 60:.1f} "
                 f"minutes, the whole of train.{key}={limit}; raise it, or build the caches first (they are "
                 f"reused) and run again")
-
-
-def _shared_minutes(minutes: float, world: int, device) -> float:
-    """The main process's training minutes, on every process (a schedule in time must give all processes
-    the same learning rate, or their editors drift apart)."""
-    if world == 1:
-        return minutes
-    import torch.distributed as dist
-
-    value = torch.tensor([minutes], dtype=torch.float64, device=device)
-    dist.broadcast(value, src=0)
-    return float(value.item())
 
 
 def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print):
@@ -394,10 +388,10 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     examples = 0  # facts edited by this process's steps
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
-        minutes = schedule_clock(trained_before + time.perf_counter() - start,
-                                 progress.setup_s if cfg.train.budget_includes_setup else 0.0,
-                                 cfg.train.schedule_minutes) if timed else 0.0
-        minutes = _shared_minutes(minutes, accelerator.num_processes, device) if timed else 0.0
+        minutes = 0.0
+        if timed:  # the main process's clock, so that every process steps at the same rate
+            minutes = _from_main(schedule_clock(trained_before + time.perf_counter() - start, progress.setup_s,
+                                                cfg.train.schedule_minutes), accelerator.num_processes, device)
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
                                     accelerator.num_processes, prefix_cache, moments, minutes)
         if not finite:
