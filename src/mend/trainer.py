@@ -390,7 +390,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
         minutes = 0.0
         if timed:  # the main process's clock, so that every process steps at the same rate
-            minutes = _from_main(schedule_clock(trained_before + time.perf_counter() - start, progress.setup_s,
+            setup_s = progress.setup_s if cfg.train.budget_includes_setup else 0.0
+            minutes = _from_main(schedule_clock(trained_before + time.perf_counter() - start, setup_s,
                                                 cfg.train.schedule_minutes), accelerator.num_processes, device)
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
                                     accelerator.num_processes, prefix_cache, moments, minutes)
