@@ -197,3 +197,37 @@ def test_build_methods_rejects_unknown_config_keys():
     model, tok = tiny_model("llama")
     with pytest.raises(mend.ConfigError, match="ft_step"):
         build_methods(["ft"], None, model, tok, {"ft_step": 3})
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("linf_norm", [None, 1e-2])
+def test_ft_runs_the_blocks_below_its_matrices_once_per_edit_and_fine_tunes_as_the_full_forward_does(
+        family, linf_norm, monkeypatch):
+    import contextlib
+
+    from mend.targets import find_blocks
+
+    model, tok = tiny_model(family)
+    targets = resolve_targets(model, last_n_blocks=1)  # the top block only: the rest is the prefix
+    lowest = find_blocks(model)[1][0]
+    runs = []
+    handle = lowest.register_forward_hook(lambda *args: runs.append(1))
+    pairs = PAIRS + [("Water is", "dry")]
+    before = _state(model)
+    ft = FineTune(model, tok, targets, steps=4, lr=1e-2, linf_norm=linf_norm)
+    ft.apply(pairs)  # the first edit also probes, once, how the blocks return their states
+    ft.revert()
+    runs.clear()
+    ft.apply(pairs)
+    from_prefix = {t.name: dict(model.named_parameters())[t.name].detach().clone() for t in targets}
+    assert len(runs) == 1  # the lowest block ran for the hidden states, not at every step
+    ft.revert()
+    monkeypatch.setattr(FineTune, "_unchanged_prefix", lambda self, batch: contextlib.nullcontext())
+    runs.clear()
+    ft.apply(pairs)
+    handle.remove()
+    assert len(runs) == 4  # the full forward runs it at every step
+    for name, value in from_prefix.items():
+        assert not torch.equal(value, before[name]), name
+        torch.testing.assert_close(value, dict(model.named_parameters())[name], rtol=1e-5, atol=1e-6, msg=name)
+    ft.revert()

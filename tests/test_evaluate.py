@@ -521,3 +521,26 @@ def test_bad_records_and_methods(setup):
         evaluate(methods, [{"prompt": "a", "target": "b"}], model, tok, progress=False)
     with pytest.raises(ValueError, match="share a name"):
         evaluate([methods["ft"], methods["ft"]], _records(1), model, tok, progress=False)
+
+
+def test_a_method_that_never_changes_the_model_is_scored_on_the_pre_edit_pass(monkeypatch):
+    import mend.evaluate as harness
+
+    model, tok = tiny_model("llama")
+    records = _records(4)
+    calls = []
+    real_predict = harness.predict
+
+    def counting_predict(*args, **kwargs):
+        calls.append(1)
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "predict", counting_predict)
+    report = evaluate([NoEdit()], records, model, tok, mode="single", progress=False)
+    assert len(calls) == len(records)  # the pre-edit pass only
+    calls.clear()
+    measured = evaluate([Spy()], records, model, tok, mode="single", progress=False)  # a no-op that says it edits
+    assert len(calls) == 2 * len(records)
+    for reused, predicted in zip(report.rows, measured.rows):
+        assert {k: v for k, v in reused.items() if k not in ("method", "ms_per_edit")} == \
+               {k: v for k, v in predicted.items() if k not in ("method", "ms_per_edit")}

@@ -185,3 +185,34 @@ def test_the_stand_in_block_returns_what_the_real_block_returns(family):
     real = seen[0]
     expected = 0 if isinstance(real, torch.Tensor) else len(real)  # a bare tensor, or (hidden, ...) as in GPT-Neo
     assert probe_block_output(model, 2).tuple_length == expected
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_preserved_moments_start_from_the_cache_and_equal_the_full_forward(family, tmp_path, monkeypatch):
+    from mend import prefix_forward
+    from mend.memory import answer_key_moments, key_moments
+    from mend.preserved import locality_pairs, locality_texts
+
+    model, tokenizer = tiny_model(family)
+    targets = resolve_targets(model, None, 3)
+    records = tiny_records()
+    cache = build_cache(model, tokenizer, records, tmp_path, lowest_edited_block(targets))
+    texts, pairs = locality_texts(records) + ["a text no row holds"], locality_pairs(records)
+    runs = []
+    real = prefix_forward.starting_at_block
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_forward, "starting_at_block", counting)
+    for moments in (key_moments, answer_key_moments):
+        inputs = texts if moments is key_moments else pairs
+        full = moments(model, targets, tokenizer, inputs, max_length=64)
+        assert not runs
+        cached = moments(model, targets, tokenizer, inputs, max_length=64, batch_size=2, prefix_cache=cache)
+        assert runs, "no batch started from the prefix cache"
+        runs.clear()
+        assert set(cached) == set(full)
+        for name in full:
+            torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -14,12 +14,15 @@
 Every method edits the model in place and reverts bit for bit: FT snapshots the target matrices the
 first time it changes them and copies the snapshot back on `revert`. FT runs the frozen model through
 ``torch.func.functional_call`` with float32 copies of the target matrices as the only trainable
-tensors, so no model parameter gets a ``.grad`` and no ``requires_grad`` flag changes.
+tensors, so no model parameter gets a ``.grad`` and no ``requires_grad`` flag changes. The blocks below
+the lowest fine-tuned matrix never change, so FT computes the hidden states entering that block once
+per edit and every step runs only the blocks from there on (`mend.prefix_forward.starting_at_block`).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import torch
 from omegaconf import OmegaConf
@@ -28,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .batching import check_pairs, encode_pairs
 from .config import ConfigError, EvalConfig
 from .editor import EditFailedError, Editor
+from .prefix_forward import hidden_states_entering, lowest_edited_block, probe_block_output, starting_at_block
 from .scoring import autocast_for, mean_nll, target_logits
 from .targets import EditTarget, resolve_targets
 
@@ -41,6 +45,9 @@ class EditMethod(abc.ABC):
     then revert every edit it applied. Applying again without reverting stacks edits (sequential)."""
 
     name: str
+    # False for a method that never changes the model: the harness then scores it with the pre-edit
+    # pass's predictions instead of predicting again (the same numbers, bit for bit, for no work)
+    changes_model: bool = True
 
     @abc.abstractmethod
     def apply(self, pairs: list[tuple[str, str]]) -> None:
@@ -59,6 +66,7 @@ class NoEdit(EditMethod):
     """The unedited model."""
 
     name = "none"
+    changes_model = False
 
     def apply(self, pairs) -> None:
         check_pairs(pairs)  # same input checks as the other methods
@@ -121,6 +129,7 @@ class FineTune(EditMethod):
         self.steps, self.lr, self.linf_norm, self.max_length = int(steps), float(lr), linf_norm, int(max_length)
         self._params = dict(model.named_parameters())
         self._originals: dict[str, torch.Tensor] | None = None
+        self._block_output = None  # how the block below the lowest fine-tuned one returns its states
 
     def settings(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "linf_norm": self.linf_norm,
@@ -134,10 +143,11 @@ class FineTune(EditMethod):
         start = {n: self._params[n].detach().float().clone() for n in names}  # fp32 master copies
         weights = {n: w.clone().requires_grad_(True) for n, w in start.items()}
         optimizer = torch.optim.Adam(list(weights.values()), lr=self.lr)
+        below = self._unchanged_prefix(batch) if self.steps > 0 else contextlib.nullcontext()
         for _ in range(self.steps):
             # forward with the trainable copies in place of the model's matrices
             current = {n: w.to(self._params[n].dtype) for n, w in weights.items()}
-            with autocast_for(device, False):  # FT in the model's own precision
+            with autocast_for(device, False), below:  # FT in the model's own precision
                 logits = target_logits(self.model, batch, current)  # (N, V)
             loss = mean_nll(logits, batch.target_ids)
             # gradients only for the copies: nothing is accumulated on model parameters
@@ -158,6 +168,18 @@ class FineTune(EditMethod):
             for n, w in weights.items():
                 self._params[n].copy_(w.to(self._params[n].dtype))
 
+    def _unchanged_prefix(self, batch):
+        """A context in which the model starts at the lowest fine-tuned block from the hidden states
+        entering it, computed once: no block below it changes during the edit, so every step would
+        compute them again to the same values. A nullcontext when there is nothing below to skip."""
+        start = lowest_edited_block(self.targets)
+        if start is None:
+            return contextlib.nullcontext()
+        if self._block_output is None:
+            self._block_output = probe_block_output(self.model, start)
+        hidden = hidden_states_entering(self.model, start, batch.input_ids, batch.attention_mask, batch.position_ids)
+        return _reusable(lambda: starting_at_block(self.model, start, hidden, self._block_output))
+
     @torch.no_grad()
     def revert(self) -> None:
         if self._originals is None:
@@ -165,6 +187,21 @@ class FineTune(EditMethod):
         for n, original in self._originals.items():
             self._params[n].copy_(original)
         self._originals = None
+
+
+class _reusable:
+    """A context manager entered once per step: each ``with`` opens a fresh one from ``make()``."""
+
+    def __init__(self, make):
+        self.make, self.active = make, []
+
+    def __enter__(self):
+        context = self.make()
+        self.active.append(context)
+        return context.__enter__()
+
+    def __exit__(self, *exc):
+        return self.active.pop().__exit__(*exc)
 
 
 def _eval_config(eval_cfg):

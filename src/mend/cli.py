@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--steps", type=int, default=None, help="meta-training steps (default: configs/train/quick.yaml)")
     p.add_argument("--retrain", action="store_true", help="train again even if the demo editor exists")
+    p.add_argument("--wild", action="store_true", help="also measure WILD answers (a second greedy decode per probe; "
+                   "about half the measuring time): mend eval measures them by default")
     p.set_defaults(func=_demo)
     return parser
 

@@ -4,7 +4,9 @@
 2. meta-train an editor on the project's own fact set (``configs/train/quick.yaml``), or reuse the
    one a previous demo trained,
 3. apply a handful of held-out edits and show greedy continuations before and after,
-4. measure reliability / generality / locality for MEND against FT, FT-L and no edit.
+4. measure reliability / generality / locality for MEND against FT, FT-L and no edit: teacher-forced
+   and greedy, plus WILD answers with ``--wild`` (left out by default to keep the demo short on slow
+   machines; ``mend eval`` measures them by default).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def run_demo(args) -> int:
     print(f"\n[4/4] measuring {DEMO_EVAL_RECORDS} held-out edits, one at a time, for MEND, FT, FT-L and no edit")
     methods = build_methods(["none", "mend", "ft", "ft-l"], editor, model, tokenizer, cfg.eval, checkpoint=str(best))
     settings = settings_from_config(cfg.eval) | {"mode": "single"}
+    if not getattr(args, "wild", False):
+        settings["wild_max_new_tokens"] = 0
+        print("  (WILD answers left out: mend demo --wild, or mend eval, measures them)")
     report = evaluate(
         methods, records[:DEMO_EVAL_RECORDS], model, tokenizer, **settings, max_length=editor.max_length,
         out_dir=out / "eval", progress=True, meta={"data": cfg.data.val_path, "editor_checkpoint": str(best)},

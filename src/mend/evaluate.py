@@ -13,7 +13,8 @@ Modes:
   records among them) for the curve; after the last edit measure them all; revert at the end.
 
 The unedited model's predictions on every record are computed once, before any method runs, and
-serve as the locality reference and its ceiling.
+serve as the locality reference and its ceiling, and as the measurements of a method that never
+changes the model (``changes_model`` False: ``none``).
 
 Each method's summary holds the mean of every metric (`mend.eval_metrics`) and its bootstrap
 confidence interval over records (`mend.bootstrap`); so does each point of a sequential curve.
@@ -109,8 +110,12 @@ class _Run:
         return 1000 * seconds / len(indices)
 
     def measure(self, i: int, ms_per_edit: float | None, **extra) -> dict:
-        """Score record i on the model as it is now; one row of ``edits.jsonl``."""
-        post: Predictions = predict(self.model, self.tokenizer, self.probes[i], **self.measure_kwargs)
+        """Score record i on the model as it is now; one row of ``edits.jsonl``. A method that never
+        changes the model (``changes_model`` False, e.g. ``none``) is scored on the pre-edit predictions."""
+        if getattr(self.method, "changes_model", True):
+            post: Predictions = predict(self.model, self.tokenizer, self.probes[i], **self.measure_kwargs)
+        else:
+            post = self.pre[i]
         size = self.relative_update()
         update = {} if size is None else {"relative_update": size}
         record = self.records[i]

@@ -174,10 +174,19 @@ class PrefixCache:
         Raises:
             KeyError: a row that was not cached (its token ids are named).
         """
-        rows, width = batch.input_ids.shape
+        return self.states(batch.input_ids, batch.attention_mask)
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) the cached states of rows ``input_ids`` (B, T) at the real tokens of
+        ``attention_mask`` (B, T), any padding side (zeros at padding).
+
+        Raises:
+            KeyError: a row that was not cached (its token ids are named).
+        """
+        rows, width = input_ids.shape
         out = torch.zeros(rows, width, self.hidden.shape[1], dtype=self.hidden.dtype)
-        mask = batch.attention_mask.bool().cpu()
-        input_ids = batch.input_ids.cpu()
+        mask = attention_mask.bool().cpu()
+        input_ids = input_ids.cpu()
         for b in range(rows):
             key = tuple(input_ids[b][mask[b]].tolist())
             i = self.index.get(key)
@@ -185,6 +194,11 @@ class PrefixCache:
                 raise KeyError(f"row {b} (token ids {list(key)[:12]}...) is not in the prefix cache")
             out[b, mask[b]] = self.hidden[self.offsets[i] : self.offsets[i + 1]]
         return out
+
+    def has(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Whether every row of ``input_ids`` (B, T) (real tokens per ``attention_mask``) is cached."""
+        mask = attention_mask.bool().cpu()
+        return all(tuple(row[m].tolist()) in self.index for row, m in zip(input_ids.cpu(), mask))
 
     # ---- building and storage ----
 

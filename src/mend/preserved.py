@@ -40,25 +40,28 @@ def locality_pairs(records, limit: int | None = None) -> list[tuple[str, str]]:
 
 
 def preserved_moments(model, targets: list[EditTarget], tokenizer, texts: list[str], *, max_length: int,
-                      directory=None, say=print) -> dict[str, torch.Tensor]:
+                      directory=None, say=print, prefix_cache=None) -> dict[str, torch.Tensor]:
     """name -> E[u u^T] (d_in, d_in) float32 of every target over every token of ``texts``, read from
-    ``directory`` when a run with the same key computed it (None: compute, cache nothing)."""
+    ``directory`` when a run with the same key computed it (None: compute, cache nothing). Computing
+    starts from ``prefix_cache`` (a `mend.prefix_cache.PrefixCache`) for the texts it holds."""
     if not texts:
         raise ValueError("no texts to compute preserved knowledge from (the records have no locality probes)")
     return _cached(model, targets, tokenizer, max_length, directory, say, prefix="preserved",
                    content={"texts": list(texts)}, what=f"{len(texts)} texts",
-                   compute=lambda: key_moments(model, targets, tokenizer, list(texts), max_length=max_length))
+                   compute=lambda: key_moments(model, targets, tokenizer, list(texts), max_length=max_length,
+                                               prefix_cache=prefix_cache))
 
 
 def answer_moments(model, targets: list[EditTarget], tokenizer, pairs: list[tuple[str, str]], *, max_length: int,
-                   directory=None, say=print) -> dict[str, torch.Tensor]:
+                   directory=None, say=print, prefix_cache=None) -> dict[str, torch.Tensor]:
     """name -> E[u u^T] (d_in, d_in) float32 of every target at the positions that predict the answers
     of (prompt, answer) ``pairs``, cached like `preserved_moments`."""
     if not pairs:
         raise ValueError("no (prompt, answer) pairs to compute the answer moment from (the records have no locality probes)")
     return _cached(model, targets, tokenizer, max_length, directory, say, prefix="preserved-answers",
                    content={"pairs": [list(p) for p in pairs]}, what=f"the answers of {len(pairs)} probes",
-                   compute=lambda: answer_key_moments(model, targets, tokenizer, list(pairs), max_length=max_length))
+                   compute=lambda: answer_key_moments(model, targets, tokenizer, list(pairs), max_length=max_length,
+                                                      prefix_cache=prefix_cache))
 
 
 def _cached(model, targets, tokenizer, max_length, directory, say, *, prefix: str, content: dict, what: str, compute):

@@ -273,14 +273,16 @@ def _check_budget_left(setup_s: float, cfg) -> None:
                 f"reused) and run again")
 
 
-def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print):
+def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say=print, prefix_cache=None):
     """The preserved knowledge of a run with ``train.preserve_records`` > 0: (moments name -> C (d_in,
     d_in) the saved editor keeps for edit time, name -> `MomentBasis` of ``editor.preserve_weight * C``
     for the meta-training and validation solves); ({}, None) without.
 
     The solves' C is the locality probes' moment over every token plus ``train.preserve_answer_weight``
     times their moment at the answer-predicting positions. The saved C adds ``train.edit_answer_weight``
-    times that answer moment on top: a setting of the trained editor's edit-time solve only."""
+    times that answer moment on top: a setting of the trained editor's edit-time solve only.
+    Computing them starts from the run's ``prefix_cache`` where it holds the probes (it holds every
+    training record's)."""
     from .aggregate import MomentBasis
     from .memory import mix_moments
     from .preserved import answer_moments, locality_pairs, locality_texts, preserved_moments
@@ -289,12 +291,13 @@ def open_preserved(model, tokenizer, targets, train_records, cfg, device, *, say
         return {}, None
     texts = locality_texts(train_records, cfg.train.preserve_records)
     moments = preserved_moments(model, targets, tokenizer, texts, max_length=cfg.model.max_length,
-                                directory=run_cache_dir(cfg), say=say)  # cached beside the prefix caches
+                                directory=run_cache_dir(cfg), say=say, prefix_cache=prefix_cache)  # cached beside the prefix caches
     saved = moments
     in_training, at_edit = cfg.train.preserve_answer_weight, cfg.train.edit_answer_weight
     if in_training > 0 or at_edit > 0:
         answers = answer_moments(model, targets, tokenizer, locality_pairs(train_records, cfg.train.preserve_records),
-                                 max_length=cfg.model.max_length, directory=run_cache_dir(cfg), say=say)
+                                 max_length=cfg.model.max_length, directory=run_cache_dir(cfg), say=say,
+                                 prefix_cache=prefix_cache)
         saved = mix_moments(moments, answers, in_training + at_edit)
         moments = mix_moments(moments, answers, in_training)
     weight = cfg.editor.preserve_weight
@@ -336,7 +339,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
                                      say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
     networks = MendNetworks(targets, cfg.editor).to(device)
     optimizer = make_optimizer(networks, cfg)
-    preserved, moments = open_preserved(model, tokenizer, targets, train_records, cfg, device,
+    preserved, moments = open_preserved(model, tokenizer, targets, train_records, cfg, device, prefix_cache=prefix_cache,
                                         say=(lambda text: print(text, flush=True)) if is_main else (lambda text: None))
     run_dir = Path(cfg.train.out_dir)
     state_dir, best_dir = run_dir / "state", run_dir / "best"
