@@ -216,3 +216,8 @@ def test_preserved_moments_start_from_the_cache_and_equal_the_full_forward(famil
         assert set(cached) == set(full)
         for name in full:
             torch.testing.assert_close(cached[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
+    # a cache that starts above a target's block would skip the block that target reads: not used
+    above = build_cache(model, tokenizer, records, tmp_path / "above", lowest_edited_block(targets) + 1)
+    full = key_moments(model, targets, tokenizer, texts, max_length=64)
+    assert key_moments(model, targets, tokenizer, texts, max_length=64, prefix_cache=above).keys() == full.keys()
+    assert not runs

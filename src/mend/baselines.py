@@ -178,7 +178,7 @@ class FineTune(EditMethod):
         if self._block_output is None:
             self._block_output = probe_block_output(self.model, start)
         hidden = hidden_states_entering(self.model, start, batch.input_ids, batch.attention_mask, batch.position_ids)
-        return _reusable(lambda: starting_at_block(self.model, start, hidden, self._block_output))
+        return _EnteredPerStep(lambda: starting_at_block(self.model, start, hidden, self._block_output))
 
     @torch.no_grad()
     def revert(self) -> None:
@@ -189,7 +189,7 @@ class FineTune(EditMethod):
         self._originals = None
 
 
-class _reusable:
+class _EnteredPerStep:
     """A context manager entered once per step: each ``with`` opens a fresh one from ``make()``."""
 
     def __init__(self, make):

@@ -220,16 +220,18 @@ def recorded_inputs(model, targets: list[EditTarget], batches, prefix_cache=None
     (selected positions, d_in), every target's raw input there. One forward each, the logits of the
     last position only, no backward.
 
-    With a `mend.prefix_cache.PrefixCache` in the model's own dtype, a batch whose rows are all cached
-    starts from their cached states and runs only the blocks from the cache's on (the same inputs up
-    to floating-point rounding, about a tenth of the work when 3 of 30 blocks are edited); any other
-    batch runs the whole model."""
+    With a `mend.prefix_cache.PrefixCache` in the model's own dtype that starts at or below the lowest
+    target's block, a batch whose rows are all cached starts from their cached states and runs only
+    the blocks from the cache's on (the same inputs up to floating-point rounding, about a tenth of
+    the work when 3 of 30 blocks are edited); any other batch runs the whole model."""
     from .capture import ModuleRecorder
-    from .prefix_forward import starting_at_block
+    from .prefix_forward import lowest_edited_block, starting_at_block
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    usable = prefix_cache is not None and prefix_cache.hidden.dtype == dtype
+    lowest = lowest_edited_block(targets)
+    usable = (prefix_cache is not None and prefix_cache.hidden.dtype == dtype and lowest is not None
+              and prefix_cache.start <= lowest)  # a cache above a target would skip the block it reads
     for ids, mask, positions, selected in batches:
         skip = starting_at_block(model, prefix_cache.start, prefix_cache.states(ids, mask), prefix_cache.block_output) \
             if usable and prefix_cache.has(ids, mask) else contextlib.nullcontext()
