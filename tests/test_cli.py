@@ -285,3 +285,11 @@ def test_eval_applies_the_editors_edit_time_settings_and_refuses_other_editor_ke
     code, _, err = run_cli("eval", "--editor", run_dir / "best", "--data", data_file, "--methods", "mend",
                            "--limit", "1", "--out", out_dir, "editor.rank=8")
     assert_one_line_error(code, err, "editor.rank=8", "edit-time")
+
+
+def test_demo_leaves_wild_answers_out_unless_asked():
+    from mend.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).wild is False
+    assert parser.parse_args(["demo", "--wild"]).wild is True
