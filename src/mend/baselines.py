@@ -143,22 +143,22 @@ class FineTune(EditMethod):
         start = {n: self._params[n].detach().float().clone() for n in names}  # fp32 master copies
         weights = {n: w.clone().requires_grad_(True) for n, w in start.items()}
         optimizer = torch.optim.Adam(list(weights.values()), lr=self.lr)
-        below = self._unchanged_prefix(batch) if self.steps > 0 else contextlib.nullcontext()
-        for _ in range(self.steps):
-            # forward with the trainable copies in place of the model's matrices
-            current = {n: w.to(self._params[n].dtype) for n, w in weights.items()}
-            with autocast_for(device, False), below:  # FT in the model's own precision
-                logits = target_logits(self.model, batch, current)  # (N, V)
-            loss = mean_nll(logits, batch.target_ids)
-            # gradients only for the copies: nothing is accumulated on model parameters
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            for w, g in zip(weights.values(), grads):
-                w.grad = g
-            optimizer.step()
-            if self.linf_norm is not None:  # project back into the L-inf ball around the start
-                with torch.no_grad():
-                    for n, w in weights.items():
-                        w.copy_(torch.minimum(torch.maximum(w, start[n] - self.linf_norm), start[n] + self.linf_norm))
+        with self._unchanged_prefix(batch) if self.steps > 0 else contextlib.nullcontext():
+            for _ in range(self.steps):
+                # forward with the trainable copies in place of the model's matrices
+                current = {n: w.to(self._params[n].dtype) for n, w in weights.items()}
+                with autocast_for(device, False):  # FT in the model's own precision
+                    logits = target_logits(self.model, batch, current)  # (N, V)
+                loss = mean_nll(logits, batch.target_ids)
+                # gradients only for the copies: nothing is accumulated on model parameters
+                grads = torch.autograd.grad(loss, list(weights.values()))
+                for w, g in zip(weights.values(), grads):
+                    w.grad = g
+                optimizer.step()
+                if self.linf_norm is not None:  # project back into the L-inf ball around the start
+                    with torch.no_grad():
+                        for n, w in weights.items():
+                            w.copy_(torch.minimum(torch.maximum(w, start[n] - self.linf_norm), start[n] + self.linf_norm))
         with torch.no_grad():
             for n, w in weights.items():
                 if not torch.isfinite(w).all():
@@ -169,16 +169,17 @@ class FineTune(EditMethod):
                 self._params[n].copy_(w.to(self._params[n].dtype))
 
     def _unchanged_prefix(self, batch):
-        """A context in which the model starts at the lowest fine-tuned block from the hidden states
-        entering it, computed once: no block below it changes during the edit, so every step would
-        compute them again to the same values. A nullcontext when there is nothing below to skip."""
+        """A context, held over all of an edit's steps, in which the model starts at the lowest
+        fine-tuned block from the hidden states entering it, computed once: no block below it changes
+        during the edit, so every step would compute them again to the same values. A nullcontext
+        when there is nothing below to skip."""
         start = lowest_edited_block(self.targets)
         if start is None:
             return contextlib.nullcontext()
         if self._block_output is None:
             self._block_output = probe_block_output(self.model, start)
         hidden = hidden_states_entering(self.model, start, batch.input_ids, batch.attention_mask, batch.position_ids)
-        return _EnteredPerStep(lambda: starting_at_block(self.model, start, hidden, self._block_output))
+        return starting_at_block(self.model, start, hidden, self._block_output)
 
     @torch.no_grad()
     def revert(self) -> None:
@@ -187,21 +188,6 @@ class FineTune(EditMethod):
         for n, original in self._originals.items():
             self._params[n].copy_(original)
         self._originals = None
-
-
-class _EnteredPerStep:
-    """A context manager entered once per step: each ``with`` opens a fresh one from ``make()``."""
-
-    def __init__(self, make):
-        self.make, self.active = make, []
-
-    def __enter__(self):
-        context = self.make()
-        self.active.append(context)
-        return context.__enter__()
-
-    def __exit__(self, *exc):
-        return self.active.pop().__exit__(*exc)
 
 
 def _eval_config(eval_cfg):

@@ -233,8 +233,12 @@ def recorded_inputs(model, targets: list[EditTarget], batches, prefix_cache=None
     usable = (prefix_cache is not None and prefix_cache.hidden.dtype == dtype and lowest is not None
               and prefix_cache.start <= lowest)  # a cache above a target would skip the block it reads
     for ids, mask, positions, selected in batches:
-        skip = starting_at_block(model, prefix_cache.start, prefix_cache.states(ids, mask), prefix_cache.block_output) \
-            if usable and prefix_cache.has(ids, mask) else contextlib.nullcontext()
+        skip = contextlib.nullcontext()
+        if usable:
+            try:
+                skip = starting_at_block(model, prefix_cache.start, prefix_cache.states(ids, mask), prefix_cache.block_output)
+            except KeyError:  # a row the cache does not hold: this batch runs the whole model
+                pass
         with skip, ModuleRecorder(model, targets) as recorder:
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                   use_cache=False, logits_to_keep=1)

@@ -195,11 +195,6 @@ class PrefixCache:
             out[b, mask[b]] = self.hidden[self.offsets[i] : self.offsets[i + 1]]
         return out
 
-    def has(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-        """Whether every row of ``input_ids`` (B, T) (real tokens per ``attention_mask``) is cached."""
-        mask = attention_mask.bool().cpu()
-        return all(tuple(row[m].tolist()) in self.index for row, m in zip(input_ids.cpu(), mask))
-
     # ---- building and storage ----
 
     @classmethod
