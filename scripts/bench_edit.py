@@ -27,6 +27,7 @@ import mend
 from mend.batching import encode_pairs
 from mend.scoring import mean_nll, target_logits
 from mend.data import load_records
+from mend.allocator import keep_freed_memory
 
 
 def _sync(device):
@@ -102,6 +103,7 @@ def bench(device: torch.device, model_name: str, editor_dir, repeats: int, data:
 
 
 def main():
+    keep_freed_memory()  # as the command line does (mend/allocator.py); MEND_MALLOC_TUNING=0 measures without it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="base model: an embedded name, hub id or directory")
     parser.add_argument("--editor", help="a trained editor directory (default: an untrained editor; same cost)")

@@ -20,9 +20,11 @@ from mend.models import load_base_model
 from mend.preserved import locality_pairs, locality_texts
 from mend.targets import resolve_targets
 from mend.trainer import _load_data, open_prefix_cache
+from mend.allocator import keep_freed_memory
 
 
 def main(argv=None) -> None:
+    keep_freed_memory()  # as the command line does (mend/allocator.py); MEND_MALLOC_TUNING=0 measures without it
     cfg = load_config(list(sys.argv[1:] if argv is None else argv))
     model, tokenizer = load_base_model(cfg.model.name, dtype=cfg.model.dtype)
     train_records, val_records = _load_data(cfg)

@@ -21,9 +21,11 @@ from bench_train import load_for_bench, time_steps  # scripts/ is on the path wh
 
 from mend.config import load_config
 from mend.trainer import _load_data, open_preserved, open_prefix_cache
+from mend.allocator import keep_freed_memory
 
 
 def main():
+    keep_freed_memory()  # as the command line does (mend/allocator.py); MEND_MALLOC_TUNING=0 measures without it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-edits", default="20,50", help="comma-separated facts per edit")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size, after one warm-up step")

@@ -31,6 +31,7 @@ from mend.prefix_cache import PrefixCache, training_rows
 from mend.prefix_forward import lowest_edited_block
 from mend.targets import resolve_targets
 from mend.trainer import make_optimizer, training_step
+from mend.allocator import keep_freed_memory
 
 
 def time_steps(model, tokenizer, records, cfg, batch_size: int, steps: int, warmup: int = 3,
@@ -67,6 +68,7 @@ def load_for_bench(overrides) -> tuple:
 
 
 def main():
+    keep_freed_memory()  # as the command line does (mend/allocator.py); MEND_MALLOC_TUNING=0 measures without it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/facts/train.json")
     parser.add_argument("--steps", type=int, default=20)

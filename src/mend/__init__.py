@@ -1,5 +1,6 @@
 """mend: MEND (Model Editor Networks with Gradient Decomposition) for today's transformers."""
 
+from .allocator import keep_freed_memory
 from .batching import EditInputError
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
@@ -18,5 +19,6 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ModelNotFoundError",
+    "keep_freed_memory",
     "__version__",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import TokenBatch
-from .scoring import autocast_for, mean_nll, target_logits, token_nll
+from .scoring import autocast_for, mean_nll, select_rows, target_logits, token_nll
 from .targets import EditTarget
 
 
@@ -108,11 +108,11 @@ def capture_rank1(
             logits = target_logits(model, batch)  # (N_all, V)
         in_loss = loss_rows[batch.target_rows]
         if row_groups is None:
-            loss = mean_nll(logits[in_loss], batch.target_ids[in_loss])
+            loss = mean_nll(select_rows(logits, in_loss), batch.target_ids[in_loss])
             n_groups = 1
         else:
             token_groups = row_groups[batch.target_rows][in_loss]
-            nll = token_nll(logits[in_loss], batch.target_ids[in_loss])
+            nll = token_nll(select_rows(logits, in_loss), batch.target_ids[in_loss])
             n_groups = int(token_groups.max()) + 1
             sums = torch.zeros(n_groups, device=device).index_add_(0, token_groups, nll)
             counts = torch.zeros(n_groups, device=device).index_add_(0, token_groups, torch.ones_like(nll))

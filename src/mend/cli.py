@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reused from the heap, not re-faulted from the OS each step (mend/allocator.py)
     try:
         return args.func(args)
     except KeyboardInterrupt:

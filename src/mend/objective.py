@@ -29,7 +29,7 @@ from .grouped_edit import edits_by_row_group
 from .meta_batch import MetaBatch, token_kinds
 from .networks import MendNetworks
 from .prefix_forward import starting_at_block
-from .scoring import autocast_for, kl_to_reference, mean_nll, target_logits, token_hits
+from .scoring import autocast_for, kl_rows, select_rows, target_logits
 
 EDIT, EQUIV, LOC = 0, 1, 2
 
@@ -61,6 +61,42 @@ def update_sizes(model, edits: dict) -> torch.Tensor:
     return total
 
 
+def token_losses(post_logits: torch.Tensor, pre_loc_logits: torch.Tensor, kinds: torch.Tensor,
+                 target_ids: torch.Tensor, loc_is_answer: torch.Tensor | None, loc_prompt_weight: float = 0.0):
+    """The edit and locality losses of one meta-batch's edited logits, and their per-token metrics.
+
+    Args:
+        post_logits: (N_post, V) edited logits of the edit, equivalence and locality tokens (``kinds``
+            EDIT, EQUIV, LOC, each kind's tokens consecutive).
+        pre_loc_logits: (N_loc, V) the unedited model's logits of the locality tokens.
+        loc_is_answer: (N_loc,) True at the probes' answer tokens, or None when only answers are predicted.
+
+    Returns:
+        edit_loss: mean NLL of the targets over edit and equivalence tokens;
+        loc_loss: mean KL(pre || post) over the locality answers, plus ``loc_prompt_weight`` times the
+            mean over the probes' other tokens;
+        hits: (N_post,) 1.0 where the edited argmax is the target;
+        agree: (N_answers,) 1.0 where a locality answer's argmax is the unedited one.
+
+    One log-softmax over all rows and row slices instead of boolean copies: the (N, V) tensors are
+    the largest of a step, and every copy of one costs its write and its gradient's scatter.
+    """
+    log_q = torch.log_softmax(post_logits.float(), -1)  # (N_post, V)
+    is_edit = (kinds == EDIT) | (kinds == EQUIV)
+    edit_loss = -select_rows(log_q, is_edit).gather(1, target_ids[is_edit][:, None]).mean()
+    loc_kl = kl_rows(select_rows(log_q, kinds == LOC), pre_loc_logits)  # (N_loc,)
+    with torch.no_grad():
+        predicted = post_logits.argmax(-1)  # (N_post,)
+        hits = (predicted == target_ids).float()
+        agree = (predicted[kinds == LOC] == pre_loc_logits.argmax(-1)).float()  # (N_loc,)
+    if loc_is_answer is None:
+        return edit_loss, loc_kl.mean(), hits, agree
+    loc_loss = loc_kl[loc_is_answer].mean()  # every probe token is predicted: the answers' KL, then the prompts'
+    if loc_prompt_weight > 0 and bool((~loc_is_answer).any()):
+        loc_loss = loc_loss + loc_prompt_weight * loc_kl[~loc_is_answer].mean()
+    return edit_loss, loc_loss, hits, agree[loc_is_answer]  # the metric: answers only
+
+
 def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: float, c_loc: float,
                    c_norm: float = 0.0, bf16: bool = False, moments: dict | None = None,
                    loc_prompt_weight: float = 0.0) -> StepOutput:
@@ -76,32 +112,20 @@ def meta_objective(model, networks: MendNetworks, batch: MetaBatch, *, c_edit: f
         own_loss = torch.arange(len(batch.pre), device=device)  # every fact its own loss: none divided by n_edits
         capture = capture_rank1(model, networks.targets, batch.pre, batch.pre_loss_rows(), own_loss, bf16=bf16)
     pre_kinds = token_kinds(batch.pre, [batch.n_edit, batch.n_loc])
-    pre_loc_logits = capture.logits[pre_kinds == 1]  # (N_loc, V)
+    pre_loc_logits = select_rows(capture.logits, pre_kinds == 1)  # (N_loc, V)
 
     edits = grouped_updates(networks, capture, batch.pre_groups, batch.n_groups, moments=moments)  # editor.aggregation
     with edits_by_row_group(model, networks.targets, edits, batch.post_groups), _from_prefix(model, batch, "post"), \
             autocast_for(device, bf16):
         post_logits = target_logits(model, batch.post)  # (N_post, V), each row under its own edit
     kinds = token_kinds(batch.post, [batch.n_edit, batch.n_equiv, batch.n_loc])
-    target_ids = batch.post.target_ids
-    is_edit = (kinds == EDIT) | (kinds == EQUIV)
-    edit_loss = mean_nll(post_logits[is_edit], target_ids[is_edit])
-    loc_logits = post_logits[kinds == LOC]
-    if batch.loc_is_answer is None:
-        loc_loss = kl_to_reference(loc_logits, pre_loc_logits)
-    else:  # every probe token is predicted: the answer's KL, plus the prompt's with its own weight
-        answer = batch.loc_is_answer
-        loc_loss = kl_to_reference(loc_logits[answer], pre_loc_logits[answer])
-        if loc_prompt_weight > 0 and bool((~answer).any()):
-            loc_loss = loc_loss + loc_prompt_weight * kl_to_reference(loc_logits[~answer], pre_loc_logits[~answer])
-        loc_logits, pre_loc_logits = loc_logits[answer], pre_loc_logits[answer]  # the metric: answers only
+    edit_loss, loc_loss, hits, agree = token_losses(post_logits, pre_loc_logits, kinds, batch.post.target_ids,
+                                                    batch.loc_is_answer, loc_prompt_weight)
     with torch.set_grad_enabled(torch.is_grad_enabled() and c_norm > 0):  # else only a metric
         norm_loss = update_sizes(model, edits).mean()
     loss = c_edit * edit_loss + c_loc * loc_loss + (c_norm * norm_loss if c_norm > 0 else 0.0)
 
     with torch.no_grad():
-        hits = token_hits(post_logits, target_ids)
-        agree = (loc_logits.argmax(-1) == pre_loc_logits.argmax(-1)).float()
         metrics = {
             "loss": loss.detach(),
             "edit_loss": edit_loss.detach(),

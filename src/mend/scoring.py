@@ -80,16 +80,24 @@ def per_row_mean(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def token_hits(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
-    """(N,) float 1.0 where the argmax is the target token."""
-    return (logits.argmax(-1) == target_ids).float()
+def select_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask]``, as a view when the True entries of ``mask`` (N,) form one run.
+
+    Boolean indexing copies an (N, V) logit tensor and scatters its gradient back into a zeroed copy;
+    the rows of one kind of a meta-batch are consecutive, so a slice does the same for free."""
+    where = torch.nonzero(mask).flatten()
+    if len(where) == 0:
+        return values[:0]
+    first, last = int(where[0]), int(where[-1])
+    if last - first + 1 == len(where):
+        return values[first:last + 1]
+    return values[mask]
 
 
-def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(reference || edited) between next-token distributions."""
+def kl_rows(log_q: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(reference || edited) of each row, from the edited log-probabilities ``log_q`` (N, V)."""
     log_p = F.log_softmax(reference_logits.float(), -1)
-    log_q = F.log_softmax(logits.float(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def autocast_for(device, bf16: bool) -> contextlib.AbstractContextManager:
