@@ -1,9 +1,9 @@
 """`mend.keep_freed_memory`: the command line raises glibc's mmap and trim thresholds together, once,
-at start; the switch ``MEND_MALLOC_TUNING=0`` and a C library that is not glibc leave malloc alone."""
+at start; a refused mmap threshold, the switch ``MEND_MALLOC_TUNING=0``, the user's own malloc
+settings and a C library that is not glibc leave malloc alone."""
 
 from __future__ import annotations
 
-import ctypes.util
 import sys
 
 import pytest
@@ -27,21 +27,27 @@ class FakeLibc:
 def fake_libc(monkeypatch):
     libc = FakeLibc()
     monkeypatch.setattr(allocator, "_glibc", lambda: libc)
-    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    for name in (allocator.ENV_SWITCH, *allocator.USER_TUNING):
+        monkeypatch.delenv(name, raising=False)
     return libc
 
 
-def test_raises_the_trim_threshold_then_the_mmap_threshold(fake_libc):
+def test_raises_the_mmap_threshold_then_the_trim_threshold(fake_libc):
     assert allocator.keep_freed_memory(1 << 28)
-    assert fake_libc.calls == [(allocator.M_TRIM_THRESHOLD, 1 << 28), (allocator.M_MMAP_THRESHOLD, 1 << 28)]
+    assert fake_libc.calls == [(allocator.M_MMAP_THRESHOLD, 1 << 28), (allocator.M_TRIM_THRESHOLD, 1 << 28)]
 
 
-def test_a_refused_trim_threshold_leaves_the_mmap_threshold_alone(monkeypatch):
-    libc = FakeLibc(refuse={allocator.M_TRIM_THRESHOLD})
-    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
-    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+def test_a_refused_mmap_threshold_leaves_the_trim_threshold_alone(fake_libc):
+    fake_libc.refuse.add(allocator.M_MMAP_THRESHOLD)  # an older glibc caps it at 32 MiB
     assert not allocator.keep_freed_memory()
-    assert libc.calls == [(allocator.M_TRIM_THRESHOLD, allocator.DEFAULT_THRESHOLD)]
+    assert fake_libc.calls == [(allocator.M_MMAP_THRESHOLD, allocator.DEFAULT_THRESHOLD)]
+
+
+@pytest.mark.parametrize("name", allocator.USER_TUNING)
+def test_the_users_own_malloc_settings_win(fake_libc, monkeypatch, name):
+    monkeypatch.setenv(name, "65536")
+    assert not allocator.keep_freed_memory()
+    assert fake_libc.calls == []
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF", " no "])
@@ -71,10 +77,14 @@ def test_every_command_line_run_tunes_malloc_first(monkeypatch, tmp_path):
     assert seen == [True]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or "libc" not in str(ctypes.util.find_library("c")),
-                    reason="glibc's mallopt exists only on Linux with glibc")
-def test_real_glibc_accepts_the_thresholds(monkeypatch):
-    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt exists only on Linux")
+def test_real_glibc_takes_the_thresholds_or_refuses_cleanly(monkeypatch):
+    for name in (allocator.ENV_SWITCH, *allocator.USER_TUNING):
+        monkeypatch.delenv(name, raising=False)
     if allocator._glibc() is None:
         pytest.skip("this Linux's C library is not glibc")
-    assert allocator.keep_freed_memory()
+    assert allocator.keep_freed_memory() in (True, False)  # False only where glibc refused the first call
+    try:
+        assert allocator.keep_freed_memory(1 << 20)  # a threshold every glibc takes
+    finally:
+        allocator.keep_freed_memory()  # the process's setting as the command line leaves it

@@ -61,3 +61,5 @@ def test_select_rows_is_a_view_for_one_run_and_a_copy_otherwise():
     scattered = torch.tensor([True, False, True, False, False, False])
     assert torch.equal(select_rows(values, scattered), values[scattered])
     assert select_rows(values, torch.zeros(6, dtype=torch.bool)).shape == (0, 2)
+    with pytest.raises(ValueError, match="one entry per row"):
+        select_rows(values, run[:4])

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import allocator
+
 
 def _train(args) -> int:
     from .config import load_config
@@ -121,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .allocator import keep_freed_memory
-
-    keep_freed_memory()  # large tensors reused from the heap, not re-faulted from the OS each step (mend/allocator.py)
+    allocator.keep_freed_memory()  # large tensors reused from the heap, not re-faulted from the OS each step (mend/allocator.py)
     try:
         return args.func(args)
     except KeyboardInterrupt:

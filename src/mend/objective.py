@@ -62,7 +62,8 @@ def update_sizes(model, edits: dict) -> torch.Tensor:
 
 
 def token_losses(post_logits: torch.Tensor, pre_loc_logits: torch.Tensor, kinds: torch.Tensor,
-                 target_ids: torch.Tensor, loc_is_answer: torch.Tensor | None, loc_prompt_weight: float = 0.0):
+                 target_ids: torch.Tensor, loc_is_answer: torch.Tensor | None,
+                 loc_prompt_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The edit and locality losses of one meta-batch's edited logits, and their per-token metrics.
 
     Args:
@@ -79,7 +80,7 @@ def token_losses(post_logits: torch.Tensor, pre_loc_logits: torch.Tensor, kinds:
         agree: (N_answers,) 1.0 where a locality answer's argmax is the unedited one.
 
     One log-softmax over all rows and row slices instead of boolean copies: the (N, V) tensors are
-    the largest of a step, and every copy of one costs its write and its gradient's scatter.
+    the largest of a step, and every copy of one costs a write of it.
     """
     log_q = torch.log_softmax(post_logits.float(), -1)  # (N_post, V)
     is_edit = (kinds == EDIT) | (kinds == EQUIV)

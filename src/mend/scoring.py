@@ -83,12 +83,14 @@ def per_row_mean(values: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
 def select_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values[mask]``, as a view when the True entries of ``mask`` (N,) form one run.
 
-    Boolean indexing copies an (N, V) logit tensor and scatters its gradient back into a zeroed copy;
-    the rows of one kind of a meta-batch are consecutive, so a slice does the same for free."""
+    Boolean indexing writes a copy of an (N, V) logit tensor; the rows of one kind of a meta-batch
+    are consecutive, so a slice selects them without one."""
+    if mask.shape != values.shape[:1]:
+        raise ValueError(f"the mask has shape {tuple(mask.shape)}, expected ({values.shape[0]},): one entry per row")
     where = torch.nonzero(mask).flatten()
     if len(where) == 0:
         return values[:0]
-    first, last = int(where[0]), int(where[-1])
+    first, last = where[[0, -1]].tolist()
     if last - first + 1 == len(where):
         return values[first:last + 1]
     return values[mask]
