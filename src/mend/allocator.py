@@ -5,7 +5,7 @@ vocabulary logits alone are ``[~250 positions, 49,152 tokens]`` in float32, abou
 times over (logits, log-softmax, the KL's products, their gradients). glibc serves every block
 above its mmap threshold (at most 32 MB by default) with a fresh ``mmap``, so each such tensor
 costs page faults to zero its pages and a ``munmap`` when it is freed. On 2 CPU cores that kernel
-work took half of a CounterFact meta-training step (``docs/benchmarks.md``, "The allocator").
+work was a quarter of the CPU time of CounterFact meta-training (``docs/benchmarks.md``, "The allocator").
 
 `keep_freed_memory` raises glibc's mmap and trim thresholds so that large blocks come from the heap
 and go back to it: the next step reuses them without faulting. The cost is memory: freed blocks stay

@@ -29,7 +29,7 @@ from .grouped_edit import edits_by_row_group
 from .meta_batch import MetaBatch, token_kinds
 from .networks import MendNetworks
 from .prefix_forward import starting_at_block
-from .scoring import autocast_for, kl_rows, select_rows, target_logits
+from .scoring import autocast_for, kl_rows, mean_nll, select_rows, target_logits
 
 EDIT, EQUIV, LOC = 0, 1, 2
 
@@ -79,13 +79,12 @@ def token_losses(post_logits: torch.Tensor, pre_loc_logits: torch.Tensor, kinds:
         hits: (N_post,) 1.0 where the edited argmax is the target;
         agree: (N_answers,) 1.0 where a locality answer's argmax is the unedited one.
 
-    One log-softmax over all rows and row slices instead of boolean copies: the (N, V) tensors are
-    the largest of a step, and every copy of one costs a write of it.
+    Each kind's rows are a slice, not a boolean copy: the (N, V) tensors are the largest of a step,
+    and every copy of one costs a write of it.
     """
-    log_q = torch.log_softmax(post_logits.float(), -1)  # (N_post, V)
     is_edit = (kinds == EDIT) | (kinds == EQUIV)
-    edit_loss = -select_rows(log_q, is_edit).gather(1, target_ids[is_edit][:, None]).mean()
-    loc_kl = kl_rows(select_rows(log_q, kinds == LOC), pre_loc_logits)  # (N_loc,)
+    edit_loss = mean_nll(select_rows(post_logits, is_edit), target_ids[is_edit])
+    loc_kl = kl_rows(select_rows(post_logits, kinds == LOC), pre_loc_logits)  # (N_loc,)
     with torch.no_grad():
         predicted = post_logits.argmax(-1)  # (N_post,)
         hits = (predicted == target_ids).float()

@@ -96,9 +96,10 @@ def select_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values[mask]
 
 
-def kl_rows(log_q: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
-    """(N,) KL(reference || edited) of each row, from the edited log-probabilities ``log_q`` (N, V)."""
+def kl_rows(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """(N,) KL(reference || edited) between the next-token distributions of each row; logits (N, V)."""
     log_p = F.log_softmax(reference_logits.float(), -1)
+    log_q = F.log_softmax(logits.float(), -1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
