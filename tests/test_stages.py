@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 import mend.trainer as trainer
 from mend import stages
@@ -39,6 +40,17 @@ def test_each_stage_has_its_size_and_restarts_the_schedule(tmp_path):
     assert factors[5:] == pytest.approx([1.0, 1.0, 0.5])  # the stage's own warm-up and cosine
 
 
+def test_a_stage_s_lr_scale_scales_the_networks_rate_and_not_the_step_sizes(tmp_path):
+    cfg = config(tmp_path, "train.batch_size=1", "train.n_edits=2", "train.max_steps=8", "train.warmup_steps=2",
+                 "train.lr=1e-3", "train.lr_lr=1e-2", "train.stages=[{at: 5, n_edits: 4, lr_scale: 0.1}]")
+    optimizer = torch.optim.Adam([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0},
+                                  {"params": [torch.zeros(1, requires_grad=True)], "lr": 0.0}])
+    trainer.set_learning_rates(optimizer, cfg, 3)  # first stage: both at their base rates
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-2])
+    trainer.set_learning_rates(optimizer, cfg, 6)  # second stage: the networks' rate a tenth
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-2])
+
+
 def test_the_staged_sampler_draws_each_stage_s_size_and_equals_the_plain_sampler_without_stages(tmp_path):
     records = tiny_records()
     cfg = config(tmp_path, *STAGED)
@@ -57,6 +69,7 @@ def test_the_staged_sampler_draws_each_stage_s_size_and_equals_the_plain_sampler
     ("{at: 9, n_edits: 4}", "train.max_steps=8"),
     ("{at: 3, n_edits: 0}", "train.stages[0].n_edits must be >= 1"),
     ("{at: 3, n_edits: 2, warmup_steps: -1}", "train.stages[0].warmup_steps must be >= 0"),
+    ("{at: 3, n_edits: 2, lr_scale: 0}", "train.stages[0].lr_scale must be > 0"),
 ])
 def test_a_bad_stage_is_refused_by_name(stage, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -130,6 +130,7 @@ class StageConfig:
     at: int = 1
     n_edits: int = 1
     warmup_steps: int = 0  # the stage's own learning-rate warm-up
+    lr_scale: float = 1.0  # multiplies train.lr (the networks' rate) in this stage; train.lr_lr is unscaled
 
 
 @dataclass

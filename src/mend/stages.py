@@ -1,12 +1,14 @@
 """Stages of meta-training: how many facts each edit solves together, step by step (a curriculum).
 
-``train.stages`` lists ``{at: step, n_edits: n, warmup_steps: w}``. From step ``at`` on, every edit of a
+``train.stages`` lists ``{at: step, n_edits: n, warmup_steps: w, lr_scale: s}``. From step ``at`` on, every edit of a
 step solves ``n`` facts together; before the first stage, ``train.n_edits``. The use: many cheap small
 edits first, then a few at the size the editor is for (a 100-fact step costs about as much as six
 20-fact steps on CPU). Each stage restarts the learning-rate schedule: a warm-up of its own
 ``warmup_steps`` (the first segment takes ``train.warmup_steps``), then constant or, with
 ``train.lr_decay=cosine``, a cosine that reaches 0 where the stage ends (the next stage, or
-``train.max_steps``). Validation always edits at the last stage's size: the editor is selected for
+``train.max_steps``). A stage's ``lr_scale`` (default 1) multiplies the editor networks' rate
+(``train.lr``) within it, and leaves the rate of the step sizes and ridge regularisers (``train.lr_lr``)
+alone: a later stage can adapt those to its size without undoing what the networks learned before. Validation always edits at the last stage's size: the editor is selected for
 what it is trained to do in the end, with one yardstick for the whole run.
 
 Without stages a run is one segment: ``train.n_edits`` facts per edit, one schedule to ``max_steps``.
@@ -27,14 +29,15 @@ class Segment:
     end: int
     n_edits: int
     warmup: int
+    lr_scale: float = 1.0  # multiplies the networks' rate (train.lr) within the segment
 
 
 def segments(train) -> list[Segment]:
     """The run's segments, in step order, from a ``train`` config section."""
-    bounds = [(0, int(train.n_edits), int(train.warmup_steps))]
-    bounds += [(int(s.at), int(s.n_edits), int(s.warmup_steps)) for s in train.stages]
-    ends = [start for start, _, _ in bounds[1:]] + [int(train.max_steps)]
-    return [Segment(start, end, n, warmup) for (start, n, warmup), end in zip(bounds, ends)]
+    bounds = [(0, int(train.n_edits), int(train.warmup_steps), 1.0)]
+    bounds += [(int(s.at), int(s.n_edits), int(s.warmup_steps), float(s.get("lr_scale", 1.0))) for s in train.stages]
+    ends = [start for start, _, _, _ in bounds[1:]] + [int(train.max_steps)]
+    return [Segment(start, end, n, warmup, scale) for (start, n, warmup, scale), end in zip(bounds, ends)]
 
 
 def segment_index(step: int, found: list[Segment]) -> int:
@@ -74,7 +77,7 @@ def learning_rate_factor(step: int, train, minutes: float = 0.0) -> float:
 
 def check_stages(train) -> None:
     """Raise ValueError naming the first bad stage: steps must increase strictly inside (0, max_steps),
-    facts per edit be >= 1 and warm-ups >= 0."""
+    facts per edit be >= 1, warm-ups >= 0 and rate scales > 0."""
     previous = 0
     for i, stage in enumerate(train.stages):
         where = f"train.stages[{i}]"
@@ -85,6 +88,8 @@ def check_stages(train) -> None:
             raise ValueError(f"{where}.n_edits must be >= 1, got {stage.n_edits}")
         if stage.warmup_steps < 0:
             raise ValueError(f"{where}.warmup_steps must be >= 0, got {stage.warmup_steps}")
+        if not stage.get("lr_scale", 1.0) > 0:
+            raise ValueError(f"{where}.lr_scale must be > 0, got {stage.get('lr_scale')}")
         previous = stage.at
 
 

@@ -103,9 +103,11 @@ def learning_rate_factor(step: int, cfg, minutes: float = 0.0) -> float:
 
 def set_learning_rates(optimizer, cfg, step: int, minutes: float = 0.0) -> None:
     """Set each optimizer group's rate for ``step`` (and ``minutes`` of training, for a schedule in time)
-    from its configured base rate (stateless, so a resumed run follows the same schedule)."""
+    from its configured base rate (stateless, so a resumed run follows the same schedule); a stage's
+    ``lr_scale`` scales the networks' group only."""
     factor = learning_rate_factor(step, cfg, minutes)
-    for group, base in zip(optimizer.param_groups, (cfg.train.lr, cfg.train.lr_lr)):
+    network_scale = stages.segment_at(step, cfg.train).lr_scale
+    for group, base in zip(optimizer.param_groups, (cfg.train.lr * network_scale, cfg.train.lr_lr)):
         group["lr"] = base * factor
 
 
