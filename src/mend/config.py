@@ -176,6 +176,10 @@ class TrainConfig:
     # command, so the cosine spans whatever time the setup left on this machine.
     budget_includes_setup: bool = False
     grad_clip: float = 100.0
+    # Validate and save an exponential moving average of the editor networks' parameters with this decay
+    # (`mend.averaging`; 0.99 averages over about the last 100 steps); the live weights go on training.
+    # null = validate and save the live weights.
+    ema_decay: Optional[float] = None
     val_every: int = 100
     val_records: int = 100
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
@@ -304,6 +308,8 @@ def validate(cfg) -> None:
     for key in ("lr", "lr_lr", "grad_clip"):
         if not cfg.train[key] >= 0:
             raise ConfigError(f"train.{key} must be >= 0, got {cfg.train[key]}")
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must lie strictly between 0 and 1 (or be null), got {cfg.train.ema_decay}")
     if cfg.train.patience < 0:
         raise ConfigError(f"train.patience must be >= 0 (0 = never stop early), got {cfg.train.patience}")
     if cfg.eval.batch_size < 1 or cfg.eval.curve_every < 1:

@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_ten
 NETWORKS_FILE = "networks.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.yaml"
+AVERAGE_FILE = "average.safetensors"  # the networks' weight average, for a run with train.ema_decay
 
 
 @dataclass
@@ -53,8 +54,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def save_train_state(path, networks, optimizer, progress: Progress, config_yaml: str) -> None:
-    """Write the whole training state to the directory ``path`` (replacing it atomically)."""
+def save_train_state(path, networks, optimizer, progress: Progress, config_yaml: str, average=None) -> None:
+    """Write the whole training state to the directory ``path`` (replacing it atomically), with the
+    `mend.averaging.WeightAverage` ``average`` where the run keeps one."""
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
 
     def write(staging):
@@ -63,15 +65,18 @@ def save_train_state(path, networks, optimizer, progress: Progress, config_yaml:
         save_tensors({**opt_tensors, "__torch_rng__": torch.get_rng_state()}, staging / OPTIMIZER_FILE)
         save_yaml({"progress": asdict(progress), "optimizer": opt_meta}, staging / STATE_FILE)
         (staging / "config.yaml").write_text(config_yaml)
+        if average is not None:
+            save_tensors(average.state_dict(), staging / AVERAGE_FILE)
 
     atomic_write_dir(path, write)
 
 
-def load_train_state(path, networks, optimizer, device="cpu") -> Progress:
-    """Restore networks and optimiser in place from ``path``; return the saved progress.
+def load_train_state(path, networks, optimizer, device="cpu", average=None) -> Progress:
+    """Restore networks and optimiser (and the run's `mend.averaging.WeightAverage` ``average``, where
+    it keeps one) in place from ``path``; return the saved progress.
 
     Every file is read and checked before anything is restored, so a broken state (CheckpointError)
-    leaves the networks and the optimiser as they were.
+    leaves the networks, the optimiser and the average as they were.
     """
     path = recover_dir(path)
     if not path.is_dir():
@@ -98,11 +103,22 @@ def load_train_state(path, networks, optimizer, device="cpu") -> Progress:
             f"{path / NETWORKS_FILE} does not fit this run's editor (changed config?): missing {missing[:4]}, "
             f"unexpected {unexpected[:4]}, other shapes {wrong_shape[:4]}"
         )
+    average_backup = None
+    if average is not None:
+        if not (path / AVERAGE_FILE).is_file():
+            raise CheckpointError(f"{path} has no {AVERAGE_FILE}: the run it holds kept no weight average")
+        average_backup = average.state_dict()
+        try:
+            average.load_state_dict(load_tensors(path / AVERAGE_FILE, device))
+        except ValueError as error:
+            raise CheckpointError(f"{path / AVERAGE_FILE}: {error}") from None
     backup = optimizer.state_dict()
     try:
         optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError, TypeError) as error:
         optimizer.load_state_dict(backup)
+        if average_backup is not None:
+            average.load_state_dict(average_backup)
         raise CheckpointError(f"{path / OPTIMIZER_FILE} does not fit this run's optimiser: {error}") from None
     networks.load_state_dict(state)
     torch.set_rng_state(rng_state)

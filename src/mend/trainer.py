@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from .averaging import WeightAverage
 from .editor import Editor
 from . import stages
 from .meta_batch import build_meta_batch
@@ -347,9 +349,10 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     state_dir, best_dir = run_dir / "state", run_dir / "best"
     config_yaml = OmegaConf.to_yaml(cfg)
     progress = Progress()
+    average = WeightAverage(networks, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
     if resume:
         check_resumable(state_dir, cfg)
-        progress = load_train_state(state_dir, networks, optimizer, device)
+        progress = load_train_state(state_dir, networks, optimizer, device, average)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -359,18 +362,23 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
     editor_view = Editor(model, tokenizer, networks, max_length=cfg.model.max_length, model_config=cfg.model)
     editor_view.preserved = preserved  # saved with every checkpoint: the editor solves with it at edit time too
 
+    def judged():
+        """The weights validation scores and `best/` keeps: the average where the run keeps one."""
+        return average.applied(networks) if average is not None else nullcontext()
+
     def checkpoint(metrics):
         progress.trained_s = trained_before + time.perf_counter() - start
         improved = metrics["score"] > progress.best_score
         if improved:
             progress.best_score, progress.best_step, progress.bad_validations = metrics["score"], progress.step, 0
             if is_main:
-                editor_view.save(best_dir)
+                with judged():
+                    editor_view.save(best_dir)
         else:
             progress.bad_validations += 1
         progress.history.append({"step": progress.step, **metrics})
         if is_main:
-            save_train_state(state_dir, networks, optimizer, progress, config_yaml)
+            save_train_state(state_dir, networks, optimizer, progress, config_yaml, average)
         accelerator.wait_for_everyone()
 
     bar = None
@@ -402,6 +410,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
                                     accelerator.num_processes, prefix_cache, moments, minutes)
         if not finite:
             progress.skipped_steps += 1
+        elif average is not None:
+            average.update(networks)
         progress.step += 1
         # 4. log
         for key in METRICS:
@@ -423,7 +433,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         # 5. validate, keep the best, stop early when patience or train.max_minutes runs out
         out_of_time = _out_of_time(clock_start, cfg.train.max_minutes, accelerator.num_processes, device)
         if progress.step % cfg.train.val_every == 0 or progress.step == cfg.train.max_steps or out_of_time:
-            metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache, moments)
+            with judged():
+                metrics = validate(model, networks, tokenizer, val_records, cfg, device, prefix_cache, moments)
             checkpoint(metrics)
             if log is not None:
                 log.write({"split": "val", "step": progress.step, **metrics})
@@ -435,7 +446,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
             if cfg.train.patience and progress.bad_validations >= cfg.train.patience:
                 progress.stopped_early = True
                 if is_main:
-                    save_train_state(state_dir, networks, optimizer, progress, config_yaml)
+                    save_train_state(state_dir, networks, optimizer, progress, config_yaml, average)
             if out_of_time:
                 if is_main:
                     print(f"train.max_minutes={cfg.train.max_minutes} reached at step {progress.step}; stopping "
