@@ -98,3 +98,23 @@ def test_a_state_without_an_average_cannot_resume_a_run_that_keeps_one(tmp_path)
     (tmp_path / "r" / "state" / "average.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no average.safetensors"):
         run(tmp_path / "r", "train.max_steps=6", "train.val_every=3", "train.ema_decay=0.6", resume=True)
+
+
+def test_a_new_stage_restarts_the_average_from_its_own_steps(tmp_path):
+    run(tmp_path / "r", "train.max_steps=6", "train.val_every=3", "train.ema_decay=0.9",
+        "train.stages=[{at: 4, n_edits: 2}]")
+    averaged = load_file(str(tmp_path / "r" / "state" / "average.safetensors"))
+    assert int(averaged["updates"]) == 2  # steps 4 and 5, the last stage's
+
+
+def test_a_staged_run_saved_before_lr_scale_existed_still_resumes(tmp_path):
+    import yaml
+
+    common = ["train.val_every=3", "train.stages=[{at: 2, n_edits: 2}]"]
+    run(tmp_path / "r", *common, "train.max_steps=3")
+    saved_file = tmp_path / "r" / "state" / "config.yaml"
+    saved = yaml.safe_load(saved_file.read_text())
+    for stage in saved["train"]["stages"]:
+        del stage["lr_scale"]  # as written before the setting was added
+    saved_file.write_text(yaml.safe_dump(saved))
+    assert run(tmp_path / "r", *common, "train.max_steps=6", resume=True).progress.step == 6

@@ -69,7 +69,7 @@ def test_the_staged_sampler_draws_each_stage_s_size_and_equals_the_plain_sampler
     ("{at: 9, n_edits: 4}", "train.max_steps=8"),
     ("{at: 3, n_edits: 0}", "train.stages[0].n_edits must be >= 1"),
     ("{at: 3, n_edits: 2, warmup_steps: -1}", "train.stages[0].warmup_steps must be >= 0"),
-    ("{at: 3, n_edits: 2, lr_scale: 0}", "train.stages[0].lr_scale must be > 0"),
+    ("{at: 3, n_edits: 2, lr_scale: 0}", "train.stages[0].lr_scale must be a finite number > 0"),
 ])
 def test_a_bad_stage_is_refused_by_name(stage, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -28,7 +28,13 @@ class WeightAverage:
             raise ValueError(f"the averaging decay must lie strictly between 0 and 1, got {decay}")
         self.decay = float(decay)
         self.updates = 0
-        self.averaged = {name: p.detach().clone() for name, p in networks.named_parameters()}
+        # float32 whatever the parameters' dtype: a bf16 average would round the small steps away
+        self.averaged = {name: p.detach().float().clone() for name, p in networks.named_parameters()}
+
+    def restart(self) -> None:
+        """Begin afresh from the next update's weights (a new stage of a curriculum: the average should
+        not reach back into what was trained for another size). The earlier weights fade as at the start."""
+        self.updates = 0
 
     def update(self, networks: torch.nn.Module) -> None:
         """Fold the networks' current parameters into the average (call after each optimiser step)."""
@@ -36,7 +42,7 @@ class WeightAverage:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
             for name, p in networks.named_parameters():
-                self.averaged[name].lerp_(p.detach(), 1.0 - decay)
+                self.averaged[name].lerp_(p.detach().float(), 1.0 - decay)
 
     @contextmanager
     def applied(self, networks: torch.nn.Module):
@@ -45,7 +51,7 @@ class WeightAverage:
         live = {name: p.detach().clone() for name, p in networks.named_parameters()}
         with torch.no_grad():
             for name, p in networks.named_parameters():
-                p.copy_(self.averaged[name])
+                p.copy_(self.averaged[name])  # copy_ casts to the parameter's dtype
         try:
             yield networks
         finally:
@@ -61,15 +67,18 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore from `state_dict`; ValueError naming what does not fit these networks' parameters."""
         names = {k[len("averaged."):] for k in state if k.startswith("averaged.")}
-        if names != set(self.averaged) or "updates" not in state:
+        if names != set(self.averaged):
             missing, unexpected = sorted(set(self.averaged) - names), sorted(names - set(self.averaged))
             raise ValueError(f"the saved weight average does not fit these networks: missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}")
+        updates = state.get("updates")
+        if updates is None or updates.numel() != 1:
+            raise ValueError("the saved weight average lacks its update count (one integer, 'updates')")
         for name, value in self.averaged.items():
             saved = state[f"averaged.{name}"]
             if saved.shape != value.shape:
                 raise ValueError(f"the saved weight average's {name} has shape {tuple(saved.shape)}, "
                                  f"the networks' {tuple(value.shape)}")
-        for name in self.averaged:
-            self.averaged[name] = state[f"averaged.{name}"].to(self.averaged[name]).clone()
-        self.updates = int(state["updates"])
+        # every check passed: only now replace anything
+        self.averaged = {name: state[f"averaged.{name}"].to(value).clone() for name, value in self.averaged.items()}
+        self.updates = int(updates.item())

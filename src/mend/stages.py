@@ -88,8 +88,9 @@ def check_stages(train) -> None:
             raise ValueError(f"{where}.n_edits must be >= 1, got {stage.n_edits}")
         if stage.warmup_steps < 0:
             raise ValueError(f"{where}.warmup_steps must be >= 0, got {stage.warmup_steps}")
-        if not stage.get("lr_scale", 1.0) > 0:
-            raise ValueError(f"{where}.lr_scale must be > 0, got {stage.get('lr_scale')}")
+        scale = float(stage.get("lr_scale", 1.0))
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"{where}.lr_scale must be a finite number > 0, got {stage.get('lr_scale')}")
         previous = stage.at
 
 

@@ -103,13 +103,15 @@ def load_train_state(path, networks, optimizer, device="cpu", average=None) -> P
             f"{path / NETWORKS_FILE} does not fit this run's editor (changed config?): missing {missing[:4]}, "
             f"unexpected {unexpected[:4]}, other shapes {wrong_shape[:4]}"
         )
-    average_backup = None
+    loaded_average = None
     if average is not None:
         if not (path / AVERAGE_FILE).is_file():
             raise CheckpointError(f"{path} has no {AVERAGE_FILE}: the run it holds kept no weight average")
-        average_backup = average.state_dict()
+        loaded_average = type(average)(networks, average.decay)  # checked here, committed below
         try:
-            average.load_state_dict(load_tensors(path / AVERAGE_FILE, device))
+            loaded_average.load_state_dict(load_tensors(path / AVERAGE_FILE, device))
+        except CheckpointError:
+            raise
         except ValueError as error:
             raise CheckpointError(f"{path / AVERAGE_FILE}: {error}") from None
     backup = optimizer.state_dict()
@@ -117,9 +119,9 @@ def load_train_state(path, networks, optimizer, device="cpu", average=None) -> P
         optimizer.load_state_dict(optimizer_state)
     except (KeyError, ValueError, TypeError) as error:
         optimizer.load_state_dict(backup)
-        if average_backup is not None:
-            average.load_state_dict(average_backup)
         raise CheckpointError(f"{path / OPTIMIZER_FILE} does not fit this run's optimiser: {error}") from None
     networks.load_state_dict(state)
+    if loaded_average is not None:
+        average.averaged, average.updates = loaded_average.averaged, loaded_average.updates
     torch.set_rng_state(rng_state)
     return progress

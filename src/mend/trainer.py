@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .averaging import WeightAverage
+from .config import MendConfig
 from .editor import Editor
 from . import stages
 from .meta_batch import build_meta_batch
@@ -62,7 +64,12 @@ def check_resumable(state_dir: Path, cfg) -> None:
     saved_file = recover_dir(state_dir) / "config.yaml"
     if not saved_file.is_file():
         raise CheckpointError(f"no training state to resume from at {state_dir} (missing config.yaml)")
-    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    # the saved config on today's schema: a setting added since (with its default) is no change
+    try:
+        saved = OmegaConf.merge(OmegaConf.structured(MendConfig), OmegaConf.load(saved_file))
+    except OmegaConfBaseException:  # it holds a setting since removed: compare it as written
+        saved = OmegaConf.load(saved_file)
+    saved = OmegaConf.to_container(saved, enum_to_str=True)
     current = OmegaConf.to_container(cfg, enum_to_str=True)
     differences = [
         f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
@@ -82,7 +89,8 @@ class TrainResult:
     progress: Progress
     seconds: float
     examples_per_second: float
-    networks: MendNetworks | None = None  # the trained editor networks (this process's copy)
+    networks: MendNetworks | None = None  # the trained editor networks, live weights (this process's copy;
+    # with train.ema_decay, best/ holds the average instead)
 
 
 def make_optimizer(networks: MendNetworks, cfg) -> torch.optim.Adam:
@@ -399,6 +407,7 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         if not resume:
             progress.setup_s = start - entered  # a resumed run's cosine keeps the first run's span
     examples = 0  # facts edited by this process's steps
+    stage_starts = {segment.start for segment in stages.segments(cfg.train)[1:]}
     while progress.step < cfg.train.max_steps and not progress.stopped_early:
         examples += cfg.train.batch_size * stages.segment_at(progress.step, cfg.train).n_edits
         minutes = 0.0
@@ -408,6 +417,8 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
                                                 cfg.train.schedule_minutes), accelerator.num_processes, device)
         out, finite = training_step(model, tokenizer, networks, optimizer, sampler, progress.step, cfg, device,
                                     accelerator.num_processes, prefix_cache, moments, minutes)
+        if average is not None and progress.step in stage_starts:
+            average.restart()  # a new stage's editor is averaged from its own steps only
         if not finite:
             progress.skipped_steps += 1
         elif average is not None:
