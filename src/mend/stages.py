@@ -1,15 +1,16 @@
 """Stages of meta-training: how many facts each edit solves together, step by step (a curriculum).
 
-``train.stages`` lists ``{at: step, n_edits: n, warmup_steps: w, lr_scale: s}``. From step ``at`` on, every edit of a
-step solves ``n`` facts together; before the first stage, ``train.n_edits``. The use: many cheap small
+``train.stages`` lists ``{at: step, n_edits: n, warmup_steps: w, lr_scale: s}``. From step ``at`` on,
+every edit of a step solves ``n`` facts together; before the first stage, ``train.n_edits``. The use: many cheap small
 edits first, then a few at the size the editor is for (a 100-fact step costs about as much as six
 20-fact steps on CPU). Each stage restarts the learning-rate schedule: a warm-up of its own
 ``warmup_steps`` (the first segment takes ``train.warmup_steps``), then constant or, with
 ``train.lr_decay=cosine``, a cosine that reaches 0 where the stage ends (the next stage, or
 ``train.max_steps``). A stage's ``lr_scale`` (default 1) multiplies the editor networks' rate
 (``train.lr``) within it, and leaves the rate of the step sizes and ridge regularisers (``train.lr_lr``)
-alone: a later stage can adapt those to its size without undoing what the networks learned before. Validation always edits at the last stage's size: the editor is selected for
-what it is trained to do in the end, with one yardstick for the whole run.
+alone: a later stage can adapt those to its size without undoing what the networks learned before.
+Validation always edits at the last stage's size: the editor is selected for what it is trained to do
+in the end, with one yardstick for the whole run.
 
 Without stages a run is one segment: ``train.n_edits`` facts per edit, one schedule to ``max_steps``.
 """

@@ -108,10 +108,9 @@ def load_train_state(path, networks, optimizer, device="cpu", average=None) -> P
         if not (path / AVERAGE_FILE).is_file():
             raise CheckpointError(f"{path} has no {AVERAGE_FILE}: the run it holds kept no weight average")
         loaded_average = type(average)(networks, average.decay)  # checked here, committed below
+        average_tensors = load_tensors(path / AVERAGE_FILE, device)  # a broken file: CheckpointError
         try:
-            loaded_average.load_state_dict(load_tensors(path / AVERAGE_FILE, device))
-        except CheckpointError:
-            raise
+            loaded_average.load_state_dict(average_tensors)
         except ValueError as error:
             raise CheckpointError(f"{path / AVERAGE_FILE}: {error}") from None
     backup = optimizer.state_dict()
