@@ -87,7 +87,8 @@ def test_save_writes_safetensors_and_yaml_only(saved):
 # ---------------------------------------------------------------- exact round trip
 @pytest.mark.parametrize(
     "family, config",
-    [("gpt2", {}), ("llama", {}), ("gpt2", {"transform": "u_only", "share": False}), ("llama", {"normalize": False, "n_blocks": 1})],
+    [("gpt2", {}), ("llama", {}), ("gpt2", {"transform": "u_only", "share": False}), ("llama", {"normalize": False, "n_blocks": 1}),
+     ("llama", {"modulation": "output"})],
 )
 def test_a_loaded_editor_reproduces_identical_updates(tmp_path, family, config):
     editor = trained_editor(family, **config)

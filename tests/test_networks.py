@@ -24,6 +24,7 @@ CONFIGS = {
     "unshared": {"share": False},
     "unnormalized": {"normalize": False},
     "no_blocks": {"n_blocks": 0},
+    "output_modulation": {"modulation": "output"},
 }
 
 
@@ -48,7 +49,8 @@ def perturb(network: EditorNetwork, what: str = "up") -> None:
 
 def reference_transform(network: EditorNetwork, u, delta, mode):
     """x~ = x + std * (blocks(z) - z), z = [(u - mean_u) / std_u; (delta - mean_d) / std_d], each block
-    h + B relu(scale_m * A h + shift_m), written out independently of the implementation."""
+    h + B relu(scale_m * A h + shift_m) (bottleneck) or h + scale_m * B relu(A h) + shift_m (output),
+    written out independently of the implementation."""
     u, delta = u.double(), delta.double()
     if network.normalize:
         mu, su = network.u_norm.mean, network.u_norm.std()
@@ -60,7 +62,11 @@ def reference_transform(network: EditorNetwork, u, delta, mode):
     for block in network.blocks:
         A, a = block.down.weight.double(), block.down.bias.double()
         B, b = block.up.weight.double(), block.up.bias.double()
-        h = h + torch.relu((h @ A.t() + a) * block.scale[mode].double() + block.shift[mode].double()) @ B.t() + b
+        s, o = block.scale[mode].double(), block.shift[mode].double()
+        if block.modulation == "output":
+            h = h + (torch.relu(h @ A.t() + a) @ B.t() + b) * s + o
+        else:
+            h = h + torch.relu((h @ A.t() + a) * s + o) @ B.t() + b
     change = h - z
     u_out = u + change[:, : u.shape[1]] * su
     delta_out = delta + change[:, u.shape[1] :] * sd
@@ -121,12 +127,47 @@ def test_a_perturbed_network_computes_the_mend_transform(config):
     networks.eval()
     for network in networks.networks.values():
         perturb(network)
+        with torch.no_grad():  # every member its own scale and shift, so their placement matters
+            for block in network.blocks:
+                block.scale.uniform_(0.5, 1.5)
+                block.shift.normal_(0, 0.3)
     inputs = factors()
     for target in TARGETS:
         network = networks.networks[networks.network_of[target.name]]
         got = networks.run_network(target.name, *inputs[target.name])
         want = reference_transform(network, *inputs[target.name], networks.member_of[target.name])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_modulation_sets_the_width_of_each_members_scale_and_shift():
+    """Bottleneck: one scale and shift per hidden unit (rank); output: per unit of z = [u; delta]."""
+    for modulation, width in (("bottleneck", 3), ("output", 4 + 6)):
+        networks = MendNetworks(TARGETS, {"rank": 3, "modulation": modulation})
+        shared = networks.networks[networks.network_of[TARGETS[0].name]]  # two members of shape 4 -> 6
+        for block in shared.blocks:
+            assert block.scale.shape == block.shift.shape == (2, width)
+
+
+def test_output_modulation_gives_each_member_its_own_shift_of_the_factors():
+    """With output modulation, a member's shift moves its transformed factors by std * shift even where
+    the low-rank path is still zero; the other member sharing the network is untouched."""
+    networks = MendNetworks(TARGETS, {"rank": 3, "modulation": "output", "n_blocks": 1})
+    warm_up(networks)
+    networks.eval()
+    shared = networks.networks[networks.network_of[TARGETS[0].name]]
+    shift = torch.randn(4 + 6)
+    with torch.no_grad():
+        shared.blocks[0].shift[networks.member_of[TARGETS[2].name]] = shift
+    u, delta = factors()[TARGETS[0].name]
+    assert [torch.equal(a, b) for a, b in zip(networks.run_network(TARGETS[0].name, u, delta), (u, delta))] == [True, True]
+    u_t, delta_t = networks.run_network(TARGETS[2].name, u, delta)
+    torch.testing.assert_close(u_t - u, (shared.u_norm.std() * shift[:4].double()).float().expand_as(u))
+    torch.testing.assert_close(delta_t - delta, (shared.delta_norm.std() * shift[4:].double()).float().expand_as(delta))
+
+
+def test_modulation_is_checked():
+    with pytest.raises(ValueError, match="modulation"):
+        MendNetworks(TARGETS, {"modulation": "everywhere"})
 
 
 # ---------------------------------------------------------------- running statistics

@@ -55,6 +55,13 @@ class Aggregation(str, Enum):
     sum = "sum"  # the MEND paper: the sum of every fact's rank-1 updates
 
 
+class Modulation(str, Enum):
+    """Where each residual block of an editor network applies its per-matrix scale and shift."""
+
+    bottleneck = "bottleneck"  # on the low-rank hidden units, before the ReLU: h + B relu(s_m * (A h) + o_m)
+    output = "output"  # on the block's full-width output, as in the MEND paper's eq. 3: h + s_m * B relu(A h) + o_m
+
+
 class MemorySolve(str, Enum):
     """How a lifelong editor's next solve uses the edits it remembers (`mend.memory`)."""
 
@@ -88,6 +95,9 @@ class EditorConfig:
     # (editor=paper); 512 has about 4x fewer editor parameters and a cheaper step on CPU.
     rank: int = 512
     n_blocks: int = 2  # residual low-rank MLP blocks per editor network
+    # Where a block's per-matrix scale and shift act: on its rank-wide hidden units (bottleneck) or on its
+    # full-width output (output, the paper's eq. 3). Either way an untrained network is the identity.
+    modulation: Modulation = Modulation.bottleneck
     # Initial per-matrix edit step size lr_l; an untrained editor's edit is one gradient step of this
     # size. SmolLM2-135M needs a step this large to move at all; the paper's 1e-4 barely changes it.
     init_lr: float = 0.05

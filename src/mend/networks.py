@@ -8,7 +8,7 @@ layer output (d_out). The editor network g transforms ``z_t = [u_t; delta_t]`` a
     dW = -lr_l * sum_t delta~_t u~_t^T                                      (MEND, eq. 3-4)
 
 One network serves all edited matrices of one shape; each matrix (layer) gets its own learned scale
-and shift inside the network and its own step size ``lr_l``.
+and shift in the network (`editor.modulation` says where) and its own step size ``lr_l``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .config import TransformedFactors, editor_config
+from .config import Modulation, TransformedFactors, editor_config
 from .targets import EditTarget
 
 
@@ -138,23 +138,31 @@ def row_stats(rows: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
 
 
 class LowRankResidualBlock(nn.Module):
-    """``h + B relu(scale_m * (A h) + shift_m)``, with B zero-initialised (identity at init).
+    """One residual low-rank block, B zero-initialised (so the block is the identity at init).
 
-    ``m`` indexes the edited matrix (the "member"), so layers sharing the network differ by scale/shift.
+    ``m`` indexes the edited matrix (the "member"), so layers sharing the network differ by a learned
+    scale ``s_m`` and shift ``o_m``. Where they act is ``modulation``:
+
+    - ``bottleneck``: ``h + B relu(s_m * (A h) + o_m)``, s_m and o_m of width ``rank``;
+    - ``output``: ``h + s_m * (B relu(A h)) + o_m``, s_m and o_m of the block's full width (MEND, eq. 3).
     """
 
-    def __init__(self, width: int, rank: int, n_members: int):
+    def __init__(self, width: int, rank: int, n_members: int, modulation: Modulation = Modulation.bottleneck):
         super().__init__()
+        self.modulation = Modulation(modulation)
         self.down = nn.Linear(width, rank)  # A: (rank, width)
         self.up = nn.Linear(rank, width)  # B: (width, rank)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale = nn.Parameter(torch.ones(n_members, rank))
-        self.shift = nn.Parameter(torch.zeros(n_members, rank))
+        modulated = rank if self.modulation == Modulation.bottleneck else width
+        self.scale = nn.Parameter(torch.ones(n_members, modulated))
+        self.shift = nn.Parameter(torch.zeros(n_members, modulated))
 
     def forward(self, h: torch.Tensor, member: int) -> torch.Tensor:
+        if self.modulation == Modulation.output:
+            return h + self.up(torch.relu(self.down(h))) * self.scale[member] + self.shift[member]  # (N, width)
         hidden = torch.relu(self.down(h) * self.scale[member] + self.shift[member])  # (N, rank)
         return h + self.up(hidden)  # (N, width)
 
@@ -171,7 +179,8 @@ class EditorNetwork(nn.Module):
     so the network is exactly the identity while the blocks are (at initialisation).
     """
 
-    def __init__(self, d_in: int, d_out: int, n_members: int, *, rank: int, n_blocks: int, transform: TransformedFactors, normalize: bool):
+    def __init__(self, d_in: int, d_out: int, n_members: int, *, rank: int, n_blocks: int, transform: TransformedFactors,
+                 normalize: bool, modulation: Modulation = Modulation.bottleneck):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         self.transformed_factors = TransformedFactors(transform)
@@ -180,7 +189,8 @@ class EditorNetwork(nn.Module):
         self.rank = min(rank, width)
         self.u_norm = RunningNorm(d_in)
         self.delta_norm = RunningNorm(d_out)
-        self.blocks = nn.ModuleList(LowRankResidualBlock(width, self.rank, n_members) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(LowRankResidualBlock(width, self.rank, n_members, modulation)
+                                    for _ in range(n_blocks))
 
     def _standardise(self, x: torch.Tensor, norm: RunningNorm):
         if not self.normalize:
@@ -247,6 +257,7 @@ class MendNetworks(nn.Module):
                 n_blocks=self.config.n_blocks,
                 transform=self.config.transform,
                 normalize=self.config.normalize,
+                modulation=self.config.modulation,
             )
         self.networks = nn.ModuleDict(networks)
         init = torch.full((len(self.targets),), math.log(self.config.init_lr))
