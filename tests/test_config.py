@@ -190,3 +190,10 @@ def test_default_yaml_keeps_the_schemas_wild_and_bootstrap_settings():
     cfg, schema = load_config(), OmegaConf.structured(MendConfig)
     for key in ("wild_template", "wild_max_new_tokens", "bootstrap_samples", "bootstrap_seed", "bootstrap_confidence"):
         assert cfg.eval[key] == schema.eval[key], key
+
+
+def test_the_counterfact_recipe_composes_its_per_matrix_editor_and_half_answer_moment():
+    cfg = load_config(["data=counterfact", "train=counterfact-quality", "editor=per-matrix"])
+    assert cfg.editor.share is False  # one network per edited matrix (docs/quality.md)
+    assert cfg.train.edit_answer_weight == 0.5
+    assert load_config(["editor=cpu"]).editor.share is True  # the shared editor stays the default elsewhere
