@@ -126,6 +126,7 @@ def test_override_values_are_typed(tmp_path):
         ("train.preserve_answer_weight=1", "train.preserve_answer_weight needs train.preserve_records > 0"),
         ("train.edit_answer_weight=-0.5", "train.edit_answer_weight must be >= 0"),
         ("train.edit_answer_weight=1", "train.edit_answer_weight needs train.preserve_records > 0"),
+        ("train.keep=final", r"train.keep must be best or last, got 'final'"),
         ("data.format=csv", "data.format"),
         ("eval.mode=parallel", "eval.mode"),
         ("eval.wild_template=no-placeholder", "eval.wild_template must contain {prompt}"),

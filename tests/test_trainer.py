@@ -242,6 +242,18 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path):
     assert load_train_state(tmp_path / "state", fresh, trainer_optimizer(fresh)).stopped_early
 
 
+@pytest.mark.parametrize("keep, kept_step", [("best", 2), ("last", 6)])
+def test_best_holds_the_top_scoring_or_the_latest_validation_as_train_keep_says(tmp_path, monkeypatch, keep, kept_step):
+    scores = iter([0.9, 0.5, 0.1])  # every validation scores lower than the one before
+    monkeypatch.setattr(trainer, "validation_score", lambda metrics: next(scores))
+    result = run(tmp_path, f"train.keep={keep}", "train.val_every=2", "train.max_steps=6", "train.log_every=2")
+    assert result.progress.best_step == 2 and result.progress.kept_step == kept_step
+    kept = load_file(str(tmp_path / "best" / "editor.safetensors"))
+    last = load_file(str(tmp_path / "state" / "networks.safetensors"))  # the weights at step 6
+    same = all(torch.equal(kept[name], last[name]) for name in last)
+    assert same == (keep == "last")
+
+
 # ---------------------------------------------------------------- the quality levers
 @pytest.mark.parametrize("solve_keys", ["all", "predictions"])
 def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solve(tmp_path, capsys, solve_keys):

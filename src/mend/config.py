@@ -193,6 +193,10 @@ class TrainConfig:
     val_every: int = 100
     val_records: int = 100
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
+    # Which validated weights `best/` holds: "best" = the highest validation score so far; "last" = the latest
+    # validation's (the run's end, where a cosine has annealed to 0). A 100-record validation is noisy enough
+    # that the highest score can pick an earlier, less-annealed editor (docs/quality.md, "Keeping the last").
+    keep: str = "best"
     log_every: int = 10
     out_dir: str = "runs/default"
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -353,6 +357,8 @@ def validate(cfg) -> None:
     if cfg.train.preserve_records < 0 or cfg.train.warmup_steps < 0:
         raise ConfigError(f"train.preserve_records and train.warmup_steps must be >= 0, got "
                           f"{cfg.train.preserve_records}, {cfg.train.warmup_steps}")
+    if cfg.train.keep not in ("best", "last"):
+        raise ConfigError(f"train.keep must be best or last, got {cfg.train.keep!r}")
     if cfg.train.lr_decay not in ("none", "cosine"):
         raise ConfigError(f"train.lr_decay must be none or cosine, got {cfg.train.lr_decay!r}")
     if cfg.train.schedule_minutes is not None:

@@ -25,6 +25,7 @@ class Progress:
     best_score: float = float("-inf")
     best_step: int = -1
     bad_validations: int = 0  # validations since the best one
+    kept_step: int = -1  # the step whose weights best/ holds (train.keep: the best validation's or the latest)
     stopped_early: bool = False
     history: list = field(default_factory=list)  # validation metrics, one dict per validation
     trained_s: float = 0.0  # seconds of training (steps and validations) so far, over every resumption

@@ -379,11 +379,12 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         improved = metrics["score"] > progress.best_score
         if improved:
             progress.best_score, progress.best_step, progress.bad_validations = metrics["score"], progress.step, 0
-            if is_main:
-                with judged():
-                    editor_view.save(best_dir)
         else:
             progress.bad_validations += 1
+        if (improved or cfg.train.keep == "last") and is_main:
+            with judged():
+                editor_view.save(best_dir)
+            progress.kept_step = progress.step
         progress.history.append({"step": progress.step, **metrics})
         if is_main:
             save_train_state(state_dir, networks, optimizer, progress, config_yaml, average)
