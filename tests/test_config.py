@@ -193,8 +193,9 @@ def test_default_yaml_keeps_the_schemas_wild_and_bootstrap_settings():
         assert cfg.eval[key] == schema.eval[key], key
 
 
-def test_the_counterfact_recipe_composes_its_per_matrix_editor_and_half_answer_moment():
+def test_the_counterfact_recipe_composes_its_per_matrix_editor_answer_moment_and_last_weights():
     cfg = load_config(["data=counterfact", "train=counterfact-quality", "editor=per-matrix"])
     assert cfg.editor.share is False  # one network per edited matrix (docs/quality.md)
-    assert cfg.train.edit_answer_weight == 0.5
+    assert cfg.train.edit_answer_weight == 0.75
+    assert cfg.train.keep == "last"  # the cosine's annealed end, not the top validation
     assert load_config(["editor=cpu"]).editor.share is True  # the shared editor stays the default elsewhere
