@@ -247,7 +247,7 @@ def test_best_holds_the_top_scoring_or_the_latest_validation_as_train_keep_says(
     scores = iter([0.9, 0.5, 0.1])  # every validation scores lower than the one before
     monkeypatch.setattr(trainer, "validation_score", lambda metrics: next(scores))
     result = run(tmp_path, f"train.keep={keep}", "train.val_every=2", "train.max_steps=6", "train.log_every=2")
-    assert result.progress.best_step == 2 and result.progress.kept_step == kept_step
+    assert result.progress.best_step == 2 and result.progress.kept_step(keep) == kept_step
     kept = load_file(str(tmp_path / "best" / "editor.safetensors"))
     last = load_file(str(tmp_path / "state" / "networks.safetensors"))  # the weights at step 6
     same = all(torch.equal(kept[name], last[name]) for name in last)

@@ -21,7 +21,7 @@ def _train(args) -> int:
     print(
         f"trained {p.step} steps ({p.skipped_steps} skipped) in {result.seconds:.0f} s, "
         f"{result.examples_per_second:.2f} edit examples/s; best validation score {p.best_score:.3f} at step "
-        f"{p.best_step}; kept editor (train.keep={cfg.train.keep}, step {p.kept_step}): {result.best_dir}"
+        f"{p.best_step}; kept editor (train.keep={cfg.train.keep}, step {p.kept_step(cfg.train.keep)}): {result.best_dir}"
     )
     return 0
 

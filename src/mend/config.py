@@ -195,7 +195,7 @@ class TrainConfig:
     patience: int = 5  # validations without improvement before stopping; 0 = never stop early
     # Which validated weights `best/` holds: "best" = the highest validation score so far; "last" = the latest
     # validation's (the run's end, where a cosine has annealed to 0). A 100-record validation is noisy enough
-    # that the highest score can pick an earlier, less-annealed editor (docs/quality.md, "Keeping the last").
+    # that the highest score can pick an earlier, less-annealed editor (docs/quality.md, "Two runs of the recipe").
     keep: str = "best"
     log_every: int = 10
     out_dir: str = "runs/default"

@@ -25,11 +25,16 @@ class Progress:
     best_score: float = float("-inf")
     best_step: int = -1
     bad_validations: int = 0  # validations since the best one
-    kept_step: int = -1  # the step whose weights best/ holds (train.keep: the best validation's or the latest)
     stopped_early: bool = False
     history: list = field(default_factory=list)  # validation metrics, one dict per validation
     trained_s: float = 0.0  # seconds of training (steps and validations) so far, over every resumption
     setup_s: float = 0.0  # seconds the first run spent before its first step (train.budget_includes_setup)
+
+    def kept_step(self, keep: str) -> int:
+        """The step whose weights ``best/`` holds under ``train.keep``: the best validation's, or the latest's."""
+        if keep == "best":
+            return self.best_step
+        return self.history[-1]["step"] if self.history else -1
 
 
 def _flatten_optimizer(optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -384,7 +384,6 @@ def train(cfg, *, resume: bool = False, model=None, tokenizer=None, records=None
         if (improved or cfg.train.keep == "last") and is_main:
             with judged():
                 editor_view.save(best_dir)
-            progress.kept_step = progress.step
         progress.history.append({"step": progress.step, **metrics})
         if is_main:
             save_train_state(state_dir, networks, optimizer, progress, config_yaml, average)
