@@ -87,6 +87,14 @@ class MendMethod(EditMethod):
     def apply(self, pairs) -> None:
         self._results.append(self.editor.edit_many(pairs))
 
+    @property
+    def calibrated_scale(self) -> float | None:
+        """The multiple of the step (trained step x ``editor.edit_scale``) the latest edit applied,
+        as ``editor.edit_margin`` chose it; None when the editor does not calibrate its step."""
+        if not self._results or self._results[-1].calibration is None:
+            return None
+        return self._results[-1].calibration.scale
+
     def revert(self) -> None:
         ours = [r for r in self.editor.applied if any(r is mine for mine in self._results)]
         if len(ours) == len(self.editor.applied):

@@ -12,6 +12,7 @@ Loading order: the schema defaults, then ``configs/default.yaml``, then for each
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -118,6 +119,13 @@ class EditorConfig:
     # Multiplies every update at edit time (1: the trained step sizes). Below 1 a trained editor's edits
     # move the model less: less change to the neighbours, less margin on the edited fact.
     edit_scale: float = 1.0
+    # Edit-time step calibration (`mend.calibration`, stateless editors): when set, each edit's update (the
+    # trained step times edit_scale) is scaled to the least multiple, up to edit_max_scale, at which every
+    # target token leads the next-best token by this many logits on the edited prompts, found in at most
+    # edit_margin_passes tries (a forward pass each, per edit_chunk facts). None: the step as it is.
+    edit_margin: Optional[float] = None
+    edit_margin_passes: int = 4
+    edit_max_scale: float = 1.0
     # Weight of each key of the facts an edit is asked to keep (`Editor.edit(..., keep=[...])`): every
     # position of every kept (prompt, answer) joins the solve's C with this weight.
     keep_weight: float = 1000.0
@@ -403,6 +411,13 @@ def validate_editor(editor) -> None:
             raise ConfigError(f"editor.{key} must be >= 0, got {editor[key]}")
     if not editor.edit_scale > 0:
         raise ConfigError(f"editor.edit_scale must be > 0, got {editor.edit_scale}")
+    if editor.edit_margin is not None and not 0 <= editor.edit_margin < math.inf:
+        raise ConfigError(f"editor.edit_margin must be a finite number >= 0, or null, got {editor.edit_margin}")
+    if editor.edit_margin_passes < 1:
+        raise ConfigError(f"editor.edit_margin_passes must be >= 1, got {editor.edit_margin_passes}")
+    if not 1 <= editor.edit_max_scale < math.inf:
+        raise ConfigError(f"editor.edit_max_scale must be a finite number >= 1 (a multiple of the step), "
+                          f"got {editor.edit_max_scale}")
     if editor.edit_chunk < 1:
         raise ConfigError(f"editor.edit_chunk must be >= 1, got {editor.edit_chunk}")
     if editor.lifelong and editor.aggregation != Aggregation.ridge:

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .aggregate import MomentBasis, RefitState, aggregate_facts, own_values, refit_increment, ridge_lambda
 from .batching import EditInputError, check_pairs, encode_pairs
+from .calibration import Calibration, fact_margins, search_scale
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, MemorySolve, ModelConfig, SolveKeys, editor_config
@@ -31,6 +32,7 @@ from .fingerprint import fingerprint, legacy_mismatch, mismatch
 from .memory import (EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments, pair_batches,
                      recorded_inputs)
 from .models import load_base_model, model_identity
+from .scoring import target_logits
 from .networks import MendNetworks, update_from
 from .targets import EditTarget, resolve_targets, to_storage
 
@@ -40,7 +42,8 @@ CONFIG_FILE = "editor.yaml"
 MEMORY_FILE = "memory.safetensors"  # a lifelong editor's memory
 REFIT_REFRESH = 100  # a lifelong refit factorises afresh every this many edits, bounding rounding drift
 # editor config keys that only change how an edit is solved, not the trained networks (`Editor.configure`)
-EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "memory_solve", "solve_keys", "edit_chunk", "edit_scale", "keep_weight")
+EDIT_TIME_SETTINGS = ("preserve_weight", "memory_weight", "memory_solve", "solve_keys", "edit_chunk", "edit_scale", "keep_weight",
+                      "edit_margin", "edit_margin_passes", "edit_max_scale")
 PRESERVED_FILE = "preserved.safetensors"  # preserved knowledge: E[u u^T] of generic text per matrix
 KEEP_LABELS = ("keep prompt", "keep target")  # how input errors name a fact to keep
 ADDED_PARAMETERS = {"log_ridges"}  # absent from older checkpoints; they start at their config value
@@ -61,7 +64,9 @@ class EditResult:
         changed: names of the matrices that changed.
         update_norms: Frobenius norm of each matrix's update.
         loss: the edit loss (mean target NLL) before the edit.
-        seconds: wall time of the whole edit (forward, backward, editor pass, apply).
+        seconds: wall time of the whole edit (forward, backward, editor pass, calibration, apply).
+        calibration: how ``editor.edit_margin`` scaled the update (`mend.calibration.Calibration`);
+            None when the editor applies its trained step as it is.
     """
 
     edit_id: int
@@ -70,6 +75,7 @@ class EditResult:
     update_norms: dict[str, float]
     loss: float
     seconds: float
+    calibration: Calibration | None = None
     _factors: dict = field(default_factory=dict, repr=False)
     _memory: MemoryEntry | None = field(default=None, repr=False)
 
@@ -146,7 +152,8 @@ class Editor:
 
     def configure(self, **settings) -> None:
         """Change how later edits are solved, keeping the trained networks: any of `EDIT_TIME_SETTINGS`
-        (``preserve_weight``, ``memory_weight``, ``solve_keys``, ``edit_chunk``, ``edit_scale``), validated as in a
+        (``preserve_weight``, ``memory_weight``, ``solve_keys``, ``edit_chunk``, ``edit_scale``, ``keep_weight``,
+        ``edit_margin``, ``edit_margin_passes``, ``edit_max_scale``), validated as in a
         config and saved with the editor. Variants (`variant`) share the setting; applied edits stay."""
         unknown = sorted(set(settings) - set(EDIT_TIME_SETTINGS))
         if unknown:
@@ -311,13 +318,17 @@ class Editor:
 
     # ------------------------------------------------------------------ editing
     def compute_updates(self, pairs, *, keep=None) -> tuple[dict[str, torch.Tensor], dict, float]:
-        """The updates an edit would apply, without applying them (nor touching the memory).
+        """The updates an edit would apply, without applying them (nor touching the memory). With
+        ``editor.edit_margin`` the search tries scaled updates on the model and puts it back bit for bit.
 
         Returns:
             (updates name -> dW (d_out, d_in) float32, factors name -> (K, D', lr) for exact replay,
             loss: the mean over facts of each fact's mean target NLL).
         """
-        factors, loss, _ = self._prepare(check_pairs(pairs), self._check_keep(keep))
+        pairs = check_pairs(pairs)
+        self._check_calibration()
+        factors, loss, _, margins = self._prepare(pairs, self._check_keep(keep))
+        factors, _ = self._calibrate(pairs, factors, margins)
         return {name: update_from(*f) for name, f in factors.items()}, factors, loss
 
     def _check_keep(self, keep) -> list[tuple[str, str]]:
@@ -341,17 +352,21 @@ class Editor:
         return keep
 
     def _prepare(self, pairs: list[tuple[str, str]], kept_facts: list[tuple[str, str]] = ()
-                 ) -> tuple[dict, float, MemoryEntry | None]:
+                 ) -> tuple[dict, float, MemoryEntry | None, torch.Tensor | None]:
         """Capture every fact with its own loss, chunk by chunk, transform, aggregate; the keys of the
         ``kept_facts`` join every solve (`_kept_keys`).
 
-        Returns (factors name -> (K (n, d_in), D' (n, d_out), lr), loss, what the edit adds to the memory).
+        Returns (factors name -> (K (n, d_in), D' (n, d_out), lr), loss, what the edit adds to the memory,
+        (n_facts,) each fact's least target margin on the unedited model (`mend.calibration.fact_margins`;
+        None unless ``editor.edit_margin`` is set)).
         """
         config = self.networks.config
         chunk = int(config.edit_chunk)
         entry = MemoryEntry() if self.memory is not None else None
         norms = self.memory.norms_for(self.networks) if self.memory is not None else None
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
+        calibrating = config.edit_margin is not None
+        margins = []  # (chunk,) per capture pass: the pre-edit margins, from the capture's own logits
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
         self._pending_refit = {}
@@ -366,6 +381,8 @@ class Editor:
                     own_loss = torch.arange(len(batch), device=self.device)  # each fact its own loss: no 1/k
                     capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
                     loss_sum += float(capture.loss) * len(batch)
+                    if calibrating:
+                        margins.append(fact_margins(capture.logits, batch))
                     facts.append(capture.rows + start)
                     keep = capture.predicting if fit_predictions else None  # (n,) the positions the solve fits
                     if keep is not None:
@@ -398,10 +415,47 @@ class Editor:
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
                     aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
                     solve=solve, guard=None if kept is None else kept[name]))
-        return factors, loss_sum / len(pairs), entry
+        return factors, loss_sum / len(pairs), entry, torch.cat(margins) if calibrating else None
+
+    def _check_calibration(self) -> None:
+        if self.memory is not None and self.networks.config.edit_margin is not None:
+            raise ValueError("editor.edit_margin needs a stateless editor: a lifelong edit refits the whole memory, "
+                             "which one edit's margin cannot scale; configure(edit_margin=None) or edit with a "
+                             "stateless variant (variant(lifelong=False))")
+
+    def _calibrate(self, pairs: list[tuple[str, str]], factors: dict, margins_before: torch.Tensor | None
+                   ) -> tuple[dict, Calibration | None]:
+        """Scale the update by ``editor.edit_margin``'s search (`mend.calibration`): the least multiple of
+        the trained step at which every fact's target leads by the margin. The weights are set to each
+        tried ``W + s dW`` and back, bit for bit, whatever happens; the factors come back with ``lr * s``."""
+        config = self.networks.config
+        if config.edit_margin is None:
+            return factors, None
+        chunk = int(config.edit_chunk)
+        batches = [encode_pairs(self.tokenizer, [p for p, _ in pairs[i : i + chunk]], [t for _, t in pairs[i : i + chunk]],
+                                max_length=self.max_length).to(self.device) for i in range(0, len(pairs), chunk)]
+        originals = {name: self._params[name].detach().clone() for name in factors}
+        targets = {t.name: t for t in self.targets}
+
+        @torch.no_grad()
+        def margin_at(scale: float) -> float:
+            for name, (keys, values, lr) in factors.items():  # the arithmetic of `_updated_weights`
+                update = to_storage(update_from(keys, values, lr * scale), targets[name])
+                self._params[name].copy_(originals[name] + update.to(originals[name].dtype))
+            return min(float(fact_margins(target_logits(self.model, batch), batch).min()) for batch in batches)
+
+        try:
+            calibration = search_scale(margin_at, float(config.edit_margin), float(margins_before.min()),
+                                       max_scale=float(config.edit_max_scale), passes=int(config.edit_margin_passes))
+        finally:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    self._params[name].copy_(original)
+        return {name: (keys, values, lr * calibration.scale) for name, (keys, values, lr) in factors.items()}, calibration
 
     def edit(self, prompt: str, target: str, *, keep=None) -> EditResult:
-        """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass.
+        """Make the model say ``target`` after ``prompt``: one forward/backward + one editor pass (and, with
+        ``editor.edit_margin``, a few forward passes that scale the update).
         ``keep``: (prompt, answer) facts the edit must leave alone (see `edit_many`)."""
         return self.edit_many([(prompt, target)], keep=keep)
 
@@ -412,17 +466,20 @@ class Editor:
         ``keep``: (prompt, answer) facts to leave alone, for instance the edited fact's neighbours (same
         relation, another subject). The layer inputs at every position of each of them join the ridge
         solve with weight ``editor.keep_weight``, so the update barely changes what the edited
-        matrices output there: one more forward pass, no backward."""
+        matrices output there: one more forward pass, no backward.
+
+        With ``editor.edit_margin`` set, the update is then scaled to the least multiple of the trained
+        step at which every fact's target leads by that margin (`mend.calibration`; up to
+        ``editor.edit_margin_passes`` tries of a forward pass each, no backward); ``result.calibration`` says how."""
         start = time.perf_counter()
         pairs = check_pairs(pairs)
-        factors, loss, entry = self._prepare(pairs, self._check_keep(keep))
+        self._check_calibration()
+        factors, loss, entry, margins = self._prepare(pairs, self._check_keep(keep))
+        if margins is not None:  # the trained step must be usable before the search tries multiples of it
+            self._finite_weights({name: update_from(*f) for name, f in factors.items()})
+        factors, calibration = self._calibrate(pairs, factors, margins)
         updates = {name: update_from(*f) for name, f in factors.items()}
-        new_weights = self._updated_weights(updates)  # checked in the weights' own dtype before any write
-        for name, weight in new_weights.items():
-            # a NaN or inf anywhere makes the float32 sum non-finite: one reduction instead of a mask
-            if not torch.isfinite(weight.sum(dtype=torch.float32)):
-                raise EditFailedError(f"the update for {name} contains NaN or inf, or overflows "
-                                      f"{weight.dtype}; the model was not changed")
+        new_weights = self._finite_weights(updates)  # checked in the weights' own dtype before any write
         changed = [name for name, weight in new_weights.items() if not torch.equal(weight, self._params[name])]
         if self._originals is None:
             self._originals = {t.name: self._params[t.name].detach().clone() for t in self.targets}
@@ -452,11 +509,22 @@ class Editor:
             update_norms={name: _update_norm(*f) for name, f in factors.items()},
             loss=loss,
             seconds=time.perf_counter() - start,
+            calibration=calibration,
             _factors=factors,
             _memory=entry,
         )
         self._applied.append(result)
         return result
+
+    def _finite_weights(self, updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`_updated_weights`, refused with `EditFailedError` if any is not finite."""
+        new_weights = self._updated_weights(updates)
+        for name, weight in new_weights.items():
+            # a NaN or inf anywhere makes the float32 sum non-finite: one reduction instead of a mask
+            if not torch.isfinite(weight.sum(dtype=torch.float32)):
+                raise EditFailedError(f"the update for {name} contains NaN or inf, or overflows "
+                                      f"{weight.dtype}; the model was not changed")
+        return new_weights
 
     @torch.no_grad()
     def _updated_weights(self, updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -79,6 +79,7 @@ class _Run:
         self.apply_seconds = 0.0
         self.n_edits = 0
         self.refused: set[int] = set()  # the records whose edit the method refused
+        self.scales: dict[int, float] = {}  # record -> the multiple of the step its calibrated edit applied
         # the matrices the method edits, with their unedited values: the size of the change it made
         params = dict(model.named_parameters())
         names = [t.name for t in getattr(method, "targets", None) or getattr(getattr(method, "editor", None), "targets", [])]
@@ -103,6 +104,10 @@ class _Run:
             self.method.apply(pairs)
         except EditFailedError:
             self.refused.update(indices)
+        else:
+            scale = getattr(self.method, "calibrated_scale", None)  # editor.edit_margin's choice, if any
+            if scale is not None:
+                self.scales.update(dict.fromkeys(indices, scale))
         _sync(self.device)
         seconds = time.perf_counter() - start
         self.apply_seconds += seconds
@@ -118,6 +123,8 @@ class _Run:
             post = self.pre[i]
         size = self.relative_update()
         update = {} if size is None else {"relative_update": size}
+        if i in self.scales:
+            update["calibrated_scale"] = self.scales[i]
         record = self.records[i]
         return {"method": self.name, "mode": self.mode, "index": i, "case_id": record.case_id,
                 "prompt": record.prompt, "target": record.target, "generated": post.texts[0],
@@ -275,6 +282,9 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         sizes = [row["relative_update"] for row in rows if row.get("relative_update") is not None]
         if sizes:  # the mean over measurements of the largest relative change of an edited matrix
             summary[name]["relative_update"] = sum(sizes) / len(sizes)
+        scales = [row["calibrated_scale"] for row in rows if row.get("calibrated_scale") is not None]
+        if scales:  # the mean multiple of the step that calibrated edits applied (editor.edit_margin)
+            summary[name]["calibrated_scale"] = sum(scales) / len(scales)
 
     meta = dict(meta or {})
     provenance = {"data": meta.pop("data", None),

@@ -142,6 +142,9 @@ def format_table(report: EvalReport) -> str:
                                                 percent=False) for n in names]]))
     if any(stats[n].get("relative_update") is not None for n in names):
         blocks.append((None, [["max ||dW||/||W|| (%)"] + [value_cell(stats[n].get("relative_update"), None) for n in names]]))
+    if any(stats[n].get("calibrated_scale") is not None for n in names):  # editor.edit_margin's mean multiple
+        blocks.append((None, [["calibrated scale (% of the step)"] + [value_cell(stats[n].get("calibrated_scale"), None)
+                                                                      for n in names]]))
     if any(stats[n].get("n_refused") for n in names):  # edits refused as NaN/inf, the model left unchanged
         blocks.append((None, [["refused edits"] + [str(stats[n].get("n_refused", 0)) for n in names]]))
     settings = report.settings
