@@ -193,9 +193,10 @@ def test_default_yaml_keeps_the_schemas_wild_and_bootstrap_settings():
         assert cfg.eval[key] == schema.eval[key], key
 
 
-def test_the_counterfact_recipe_composes_its_per_matrix_editor_answer_moment_and_last_weights():
+def test_the_counterfact_recipe_composes_its_per_matrix_editor_answer_moment_last_weights_and_margin():
     cfg = load_config(["data=counterfact", "train=counterfact-quality", "editor=per-matrix"])
     assert cfg.editor.share is False  # one network per edited matrix (docs/quality.md)
     assert cfg.train.edit_answer_weight == 0.75
     assert cfg.train.keep == "last"  # the cosine's annealed end, not the top validation
+    assert cfg.editor.edit_margin == 8.0 and cfg.editor.edit_max_scale == 1.0  # edits shrunk to a margin of 8
     assert load_config(["editor=cpu"]).editor.share is True  # the shared editor stays the default elsewhere

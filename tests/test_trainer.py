@@ -254,6 +254,17 @@ def test_best_holds_the_top_scoring_or_the_latest_validation_as_train_keep_says(
     assert same == (keep == "last")
 
 
+def test_the_edit_margin_is_saved_with_the_editor_and_leaves_training_exactly_as_it_was(tmp_path):
+    plain = run(tmp_path / "plain", "train.max_steps=3", "train.val_every=3")
+    margin = run(tmp_path / "margin", "train.max_steps=3", "train.val_every=3", "editor.edit_margin=8")
+    trained = [load_file(str(r.best_dir / "editor.safetensors")) for r in (plain, margin)]
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
+    model, tokenizer = tiny_model("llama")
+    assert Editor.load(margin.best_dir, model, tokenizer).networks.config.edit_margin == 8.0
+    assert Editor.load(plain.best_dir, model, tokenizer).networks.config.edit_margin is None
+
+
 # ---------------------------------------------------------------- the quality levers
 @pytest.mark.parametrize("solve_keys", ["all", "predictions"])
 def test_a_run_with_preserved_knowledge_saves_it_and_edits_through_the_same_solve(tmp_path, capsys, solve_keys):
