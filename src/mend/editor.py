@@ -28,7 +28,7 @@ from .calibration import Calibration, fact_margins, search_scale
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
 from .config import Aggregation, MemorySolve, ModelConfig, SolveKeys, editor_config
-from .fingerprint import fingerprint, legacy_mismatch, mismatch
+from .fingerprint import N_PROJECTIONS, fingerprint, legacy_mismatch, mismatch
 from .memory import (EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments, pair_batches,
                      recorded_inputs)
 from .models import load_base_model, model_identity
@@ -730,6 +730,9 @@ def _check_same_model(path, identity: dict, saved_targets: list[dict], model) ->
         saved_print = saved["fingerprint"]
         if not isinstance(saved_print, (list, dict)):
             raise TypeError(f"the fingerprint of {name} must be a mapping, got {saved_print!r}")
+        if isinstance(saved_print, dict) and len(saved_print.get("projections") or ()) != N_PROJECTIONS:
+            raise CheckpointError(f"{path / CONFIG_FILE} is damaged or truncated: the fingerprint of {name} holds "
+                                  f"{len(saved_print.get('projections') or ())} projections, a whole one {N_PROJECTIONS}")
         differs = (legacy_mismatch(params[name], saved_print) if isinstance(saved_print, list)
                    else mismatch(params[name], saved_print))
         if differs:
