@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .aggregate import MomentBasis, RefitState, aggregate_facts, own_values, refit_increment, ridge_lambda
-from .batching import EditInputError, check_pairs, encode_pairs
+from .batching import EditInputError, TokenBatch, check_pairs, encode_pairs
 from .calibration import Calibration, fact_margins, search_scale
 from .capture import capture_rank1
 from .checkpoint import CheckpointError, atomic_write_dir, recover_dir, load_tensors, load_yaml, save_tensors, save_yaml
@@ -32,8 +32,8 @@ from .fingerprint import N_PROJECTIONS, fingerprint, legacy_mismatch, mismatch
 from .memory import (EditMemory, MemoryEntry, answer_key_moments, check_moments, key_moments, mix_moments, pair_batches,
                      recorded_inputs)
 from .models import load_base_model, model_identity
-from .scoring import target_logits
 from .networks import MendNetworks, update_from
+from .scoring import target_logits
 from .targets import EditTarget, resolve_targets, to_storage
 
 FORMAT_VERSION = 1
@@ -327,8 +327,8 @@ class Editor:
         """
         pairs = check_pairs(pairs)
         self._check_calibration()
-        factors, loss, _, margins = self._prepare(pairs, self._check_keep(keep))
-        factors, _ = self._calibrate(pairs, factors, margins)
+        factors, loss, _, before = self._prepare(pairs, self._check_keep(keep))
+        factors, _ = self._calibrate(factors, before)
         return {name: update_from(*f) for name, f in factors.items()}, factors, loss
 
     def _check_keep(self, keep) -> list[tuple[str, str]]:
@@ -352,13 +352,14 @@ class Editor:
         return keep
 
     def _prepare(self, pairs: list[tuple[str, str]], kept_facts: list[tuple[str, str]] = ()
-                 ) -> tuple[dict, float, MemoryEntry | None, torch.Tensor | None]:
+                 ) -> tuple[dict, float, MemoryEntry | None, tuple[list[TokenBatch], torch.Tensor] | None]:
         """Capture every fact with its own loss, chunk by chunk, transform, aggregate; the keys of the
         ``kept_facts`` join every solve (`_kept_keys`).
 
         Returns (factors name -> (K (n, d_in), D' (n, d_out), lr), loss, what the edit adds to the memory,
-        (n_facts,) each fact's least target margin on the unedited model (`mend.calibration.fact_margins`;
-        None unless ``editor.edit_margin`` is set)).
+        what the calibration starts from: the chunks' batches and (n_facts,) each fact's least target
+        margin on the unedited model (`mend.calibration.fact_margins`); None unless ``editor.edit_margin``
+        is set).
         """
         config = self.networks.config
         chunk = int(config.edit_chunk)
@@ -366,7 +367,7 @@ class Editor:
         norms = self.memory.norms_for(self.networks) if self.memory is not None else None
         keys, deltas, facts, solve = {t.name: [] for t in self.targets}, {t.name: [] for t in self.targets}, [], []
         calibrating = config.edit_margin is not None
-        margins = []  # (chunk,) per capture pass: the pre-edit margins, from the capture's own logits
+        batches, margins = [], []  # per capture pass: its batch and (chunk,) pre-edit margins from its own logits
         fit_predictions = SolveKeys(config.solve_keys) == SolveKeys.predictions
         loss_sum = 0.0
         self._pending_refit = {}
@@ -382,6 +383,7 @@ class Editor:
                     capture = capture_rank1(self.model, self.targets, batch, row_groups=own_loss)
                     loss_sum += float(capture.loss) * len(batch)
                     if calibrating:
+                        batches.append(batch)
                         margins.append(fact_margins(capture.logits, batch))
                     facts.append(capture.rows + start)
                     keep = capture.predicting if fit_predictions else None  # (n,) the positions the solve fits
@@ -415,7 +417,7 @@ class Editor:
                     torch.cat(keys[name]), torch.cat(deltas[name]), lrs[name], facts,
                     aggregation=self.aggregation, rho=ridges[name], moment=self._moment(name),
                     solve=solve, guard=None if kept is None else kept[name]))
-        return factors, loss_sum / len(pairs), entry, torch.cat(margins) if calibrating else None
+        return factors, loss_sum / len(pairs), entry, (batches, torch.cat(margins)) if calibrating else None
 
     def _check_calibration(self) -> None:
         if self.memory is not None and self.networks.config.edit_margin is not None:
@@ -423,25 +425,24 @@ class Editor:
                              "which one edit's margin cannot scale; configure(edit_margin=None) or edit with a "
                              "stateless variant (variant(lifelong=False))")
 
-    def _calibrate(self, pairs: list[tuple[str, str]], factors: dict, margins_before: torch.Tensor | None
+    def _calibrate(self, factors: dict, before: tuple[list[TokenBatch], torch.Tensor] | None
                    ) -> tuple[dict, Calibration | None]:
         """Scale the update by ``editor.edit_margin``'s search (`mend.calibration`): the least multiple of
-        the trained step at which every fact's target leads by the margin. The weights are set to each
-        tried ``W + s dW`` and back, bit for bit, whatever happens; the factors come back with ``lr * s``."""
-        config = self.networks.config
-        if config.edit_margin is None:
+        the trained step at which every fact's target leads by the margin. ``before`` is what `_prepare`
+        captured: the facts' batches and their pre-edit margins (None: no calibration). The weights are
+        set to each tried ``W + s dW`` and back, bit for bit, whatever happens; the factors come back
+        with ``lr * s``."""
+        if before is None:
             return factors, None
-        chunk = int(config.edit_chunk)
-        batches = [encode_pairs(self.tokenizer, [p for p, _ in pairs[i : i + chunk]], [t for _, t in pairs[i : i + chunk]],
-                                max_length=self.max_length).to(self.device) for i in range(0, len(pairs), chunk)]
+        config = self.networks.config
+        batches, margins_before = before
         originals = {name: self._params[name].detach().clone() for name in factors}
-        targets = {t.name: t for t in self.targets}
 
         @torch.no_grad()
         def margin_at(scale: float) -> float:
-            for name, (keys, values, lr) in factors.items():  # the arithmetic of `_updated_weights`
-                update = to_storage(update_from(keys, values, lr * scale), targets[name])
-                self._params[name].copy_(originals[name] + update.to(originals[name].dtype))
+            scaled = {name: update_from(keys, values, lr * scale) for name, (keys, values, lr) in factors.items()}
+            for name, weight in self._updated_weights(scaled, base=originals).items():
+                self._params[name].copy_(weight)
             return min(float(fact_margins(target_logits(self.model, batch), batch).min()) for batch in batches)
 
         try:
@@ -474,10 +475,10 @@ class Editor:
         start = time.perf_counter()
         pairs = check_pairs(pairs)
         self._check_calibration()
-        factors, loss, entry, margins = self._prepare(pairs, self._check_keep(keep))
-        if margins is not None:  # the trained step must be usable before the search tries multiples of it
+        factors, loss, entry, before = self._prepare(pairs, self._check_keep(keep))
+        if before is not None:  # the trained step must be usable before the search tries multiples of it
             self._finite_weights({name: update_from(*f) for name, f in factors.items()})
-        factors, calibration = self._calibrate(pairs, factors, margins)
+        factors, calibration = self._calibrate(factors, before)
         updates = {name: update_from(*f) for name, f in factors.items()}
         new_weights = self._finite_weights(updates)  # checked in the weights' own dtype before any write
         changed = [name for name, weight in new_weights.items() if not torch.equal(weight, self._params[name])]
@@ -527,10 +528,12 @@ class Editor:
         return new_weights
 
     @torch.no_grad()
-    def _updated_weights(self, updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What each target weight would become (the same arithmetic as `_apply`, out of place)."""
-        return {t.name: self._params[t.name] + to_storage(updates[t.name], t).to(self._params[t.name].dtype)
-                for t in self.targets}
+    def _updated_weights(self, updates: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """What each target weight would become (the same arithmetic as `_apply`, out of place), from the
+        weights as they are now or from ``base`` (name -> weight)."""
+        base = self._params if base is None else base
+        return {t.name: base[t.name] + to_storage(updates[t.name], t).to(base[t.name].dtype) for t in self.targets}
 
     @torch.no_grad()
     def _apply(self, updates: dict[str, torch.Tensor]) -> None:

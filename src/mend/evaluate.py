@@ -279,12 +279,12 @@ def evaluate(methods, records, model, tokenizer, *, mode: str = "single", batch_
         summary[name] = {"n_edits": run.n_edits, "n_refused": len(run.refused), "ms_per_edit": 1000 * run.apply_seconds / max(1, run.n_edits),
                          "ms_per_edit_interval": intervals.pop("ms_per_edit"), "metrics": means,
                          "intervals": intervals, "settings": settings}
-        sizes = [row["relative_update"] for row in rows if row.get("relative_update") is not None]
-        if sizes:  # the mean over measurements of the largest relative change of an edited matrix
-            summary[name]["relative_update"] = sum(sizes) / len(sizes)
-        scales = [row["calibrated_scale"] for row in rows if row.get("calibrated_scale") is not None]
-        if scales:  # the mean multiple of the step that calibrated edits applied (editor.edit_margin)
-            summary[name]["calibrated_scale"] = sum(scales) / len(scales)
+        # means over measurements of the largest relative change of an edited matrix, and of the multiple of
+        # the step that calibrated edits applied (editor.edit_margin); absent where no row has one
+        for key in ("relative_update", "calibrated_scale"):
+            values = [row[key] for row in rows if row.get(key) is not None]
+            if values:
+                summary[name][key] = sum(values) / len(values)
 
     meta = dict(meta or {})
     provenance = {"data": meta.pop("data", None),
